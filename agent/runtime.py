@@ -1,0 +1,225 @@
+"""The composition root: the one place that wires configuration, drivers, buses, pipeline,
+buffer, uplink and the command path together. Everything else receives what it needs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.buffer import Buffer, BufferStats, DropReport
+from agent.commands import CommandService
+from agent.config import GatewayConfig
+from agent.crypto import RecordCipher, load_or_create_key
+from agent.pipeline import Pipeline
+from agent.scheduler import BusWorker, DeviceState, Priority
+from agent.sdk import DeviceSpec, Driver, PointRole, Quality, Reading, now_ms
+from agent.uplink import Uplink, UplinkStats
+
+log = logging.getLogger(__name__)
+
+COMMAND_MEMORY_PURGE_S = 600.0
+
+
+class _DriverContext:
+    """What one driver instance sees of the runtime (agent.sdk.DriverContext)."""
+
+    def __init__(self, bus_id: str, readings: ReadingRouter, pipeline: Pipeline) -> None:
+        self._readings = readings
+        self._pipeline = pipeline
+        self._logger = logging.getLogger(f"lampyre.bus.{bus_id}")
+
+    @property
+    def logger(self) -> logging.Logger:
+        return self._logger
+
+    def emit(self, readings: Sequence[Reading]) -> None:
+        self._readings.submit(readings)
+
+    def event(self, kind: str, device: str | None, detail: Mapping[str, Any]) -> None:
+        detail = dict(detail)
+        state = str(detail.pop("state", "raised"))
+        self._pipeline.event(kind, device, state, detail)
+
+
+class ReadingRouter:
+    """Between the buses and the pipeline: watches lamp-failure points (an alarm is raised on
+    the poll that sees the failure, cleared when it clears) and keeps the last values."""
+
+    def __init__(self, devices: Mapping[str, DeviceSpec], pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self._failure_point = {
+            device_id: point.name
+            for device_id, device in devices.items()
+            if (point := device.profile.point_with_role(PointRole.LAMP_FAILURE)) is not None
+        }
+        self._failed: dict[str, bool] = {}
+
+    def submit(self, readings: Sequence[Reading]) -> None:
+        for reading in readings:
+            if (
+                reading.quality is Quality.GOOD
+                and self._failure_point.get(reading.device) == reading.point
+            ):
+                self._observe_failure(reading)
+        self._pipeline.submit(readings)
+
+    def _observe_failure(self, reading: Reading) -> None:
+        failed = bool(reading.value)
+        before = self._failed.get(reading.device)
+        self._failed[reading.device] = failed
+        if failed and before is not True:
+            self._pipeline.event("lamp_failure", reading.device, "raised", {"point": reading.point})
+        elif not failed and before is True:
+            self._pipeline.event(
+                "lamp_failure", reading.device, "cleared", {"point": reading.point}
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the agent is doing, for the demo screen and health reports."""
+
+    devices: Mapping[str, DeviceState]
+    buses: Mapping[str, bool]
+    buffer: BufferStats
+    uplink: UplinkStats
+    readings_in: int
+    batches_out: int
+    commands_accepted: int
+    commands_rejected: int
+
+
+class Agent:
+    """One gateway's agent. ``await Agent(config).run()`` until cancelled."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.buffer: Buffer | None = None
+        self.pipeline: Pipeline | None = None
+        self.uplink: Uplink | None = None
+        self.commands: CommandService | None = None
+        self.workers: dict[str, BusWorker] = {}
+        self.started = asyncio.Event()
+
+    async def run(self) -> None:
+        config = self.config
+        key = await asyncio.to_thread(load_or_create_key, config.buffer.key_file)
+        buffer = Buffer(config.buffer.path, RecordCipher(key), config.buffer.max_bytes)
+        await buffer.open()
+        self.buffer = buffer
+        try:
+            await self._run_with(buffer)
+        finally:
+            await buffer.close()
+
+    async def _run_with(self, buffer: Buffer) -> None:
+        config = self.config
+        uplink_box: list[Uplink] = []
+        pipeline = Pipeline(
+            config.gateway_id,
+            buffer,
+            batch_max_readings=config.buffer.batch_max_readings,
+            batch_max_delay_s=config.buffer.batch_max_delay_s,
+            on_stored=lambda: uplink_box[0].notify() if uplink_box else None,
+        )
+        self.pipeline = pipeline
+        buffer.on_drop(lambda report: _report_drop(pipeline, report))
+        router = ReadingRouter(config.devices, pipeline)
+
+        for bus_id, bus in config.buses.items():
+            devices = [d for d in config.devices.values() if d.bus == bus_id]
+            driver_cls = config.drivers[bus.driver]
+            driver: Driver = driver_cls(bus, devices, _DriverContext(bus_id, router, pipeline))
+            self.workers[bus_id] = BusWorker(driver, devices, router, pipeline.event)
+
+        commands = CommandService(
+            config.devices,
+            config.groups,
+            _CommandRunner(self.workers),
+            buffer,
+            pipeline.ack,
+            pipeline.event,
+        )
+        self.commands = commands
+        uplink = Uplink(
+            config.hub.mqtt,
+            prefix=config.hub.prefix,
+            gateway_id=config.gateway_id,
+            buffer=buffer,
+            on_command=commands.handle,
+            max_inflight=config.hub.max_inflight,
+        )
+        uplink_box.append(uplink)
+        self.uplink = uplink
+
+        log.info(
+            "agent %s starting: %d buses, %d devices, hub %s:%d",
+            config.gateway_id,
+            len(config.buses),
+            len(config.devices),
+            config.hub.mqtt.host,
+            config.hub.mqtt.port,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                for bus_id, worker in self.workers.items():
+                    group.create_task(worker.run(), name=f"bus-{bus_id}")
+                group.create_task(pipeline.run(), name="pipeline")
+                group.create_task(uplink.run(), name="uplink")
+                group.create_task(self._housekeeping(buffer), name="housekeeping")
+                self.started.set()
+        finally:
+            await commands.close()
+            log.info("agent %s stopped", config.gateway_id)
+
+    async def _housekeeping(self, buffer: Buffer) -> None:
+        while True:
+            await asyncio.sleep(COMMAND_MEMORY_PURGE_S)
+            with contextlib.suppress(Exception):
+                await buffer.forget_commands(now_ms())
+
+    async def snapshot(self) -> Snapshot:
+        assert self.buffer is not None and self.uplink is not None and self.pipeline is not None
+        devices: dict[str, DeviceState] = {}
+        for worker in self.workers.values():
+            devices.update(worker.state)
+        commands = self.commands
+        return Snapshot(
+            devices=devices,
+            buses={bus_id: w.connected for bus_id, w in self.workers.items()},
+            buffer=await self.buffer.stats(),
+            uplink=self.uplink.stats,
+            readings_in=self.pipeline.readings_in,
+            batches_out=self.pipeline.batches_out,
+            commands_accepted=commands.accepted if commands else 0,
+            commands_rejected=commands.rejected if commands else 0,
+        )
+
+
+class _CommandRunner:
+    """Puts a command's job on its device's bus, ahead of polling."""
+
+    def __init__(self, workers: Mapping[str, BusWorker]) -> None:
+        self._workers = workers
+
+    async def run_command(self, device: DeviceSpec, job: Callable[[Driver], Awaitable[Any]]) -> Any:
+        return await self._workers[device.bus].submit(Priority.COMMAND, job)
+
+
+def _report_drop(pipeline: Pipeline, report: DropReport) -> None:
+    pipeline.event(
+        "buffer_drop",
+        None,
+        "raised",
+        {
+            "count": report.count,
+            "bytes": report.bytes,
+            "first_seq": report.first_seq,
+            "last_seq": report.last_seq,
+            "dropped_total": report.dropped_total,
+        },
+    )
