@@ -17,7 +17,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.sdk import DeviceSpec, Driver, DriverError, PointRole, PointSpec, Quality, now_ms
+from agent.sdk import (
+    DeviceSpec,
+    Driver,
+    DriverError,
+    LampyreError,
+    PointRole,
+    PointSpec,
+    Quality,
+    now_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +242,12 @@ class CommandService:
     async def _duplicate_of(self, command_id: str) -> dict[str, Any] | None:
         if command_id in self._in_progress:
             return {"status": "in_progress"}
-        stored = await self._store.recall_command(command_id)
+        try:
+            stored = await self._store.recall_command(command_id)
+        except LampyreError:
+            # Seen before, but its stored answer does not authenticate: never run it again.
+            log.warning("command %s: stored result unreadable", command_id)
+            return {"status": "unknown"}
         if stored is None:
             return None
         try:

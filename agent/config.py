@@ -713,7 +713,8 @@ class _Loader:
         return sorted(self.errors, key=key)
 
     def resolve(self, value: str) -> Path:
-        return self.base_dir / Path(value).expanduser()
+        # normpath, not resolve(): "../var" is folded for messages, symlinks are left alone.
+        return Path(os.path.normpath(self.base_dir / Path(value).expanduser()))
 
     def check_file(self, table: ConfigTable, key: str, path: Path, *, secret: bool) -> None:
         try:

@@ -46,6 +46,7 @@ EVENT_SEVERITY = {
     "device_offline": Severity.ALARM,
     "bus_offline": Severity.ALARM,
     "buffer_drop": Severity.WARNING,
+    "buffer_tampered": Severity.ALARM,
     "command_rejected": Severity.INFO,
 }
 
@@ -100,6 +101,8 @@ class Pipeline:
             return
         if not self._readings:
             self._first_reading_at = asyncio.get_running_loop().time()
+            # Let the flush loop start this batch's age deadline.
+            self._wake.set()
         self._readings.extend(readings)
         self.readings_in += len(readings)
         if len(self._readings) >= self._batch_max:

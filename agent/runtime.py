@@ -128,6 +128,14 @@ class Agent:
         )
         self.pipeline = pipeline
         buffer.on_drop(lambda report: _report_drop(pipeline, report))
+        buffer.on_quarantine(
+            lambda report: pipeline.event(
+                "buffer_tampered",
+                None,
+                "raised",
+                {"seqs": list(report.seqs[:20]), "quarantined_total": report.quarantined_total},
+            )
+        )
         router = ReadingRouter(config.devices, pipeline)
 
         for bus_id, bus in config.buses.items():
