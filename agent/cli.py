@@ -173,7 +173,9 @@ async def _run_agent(config: GatewayConfig) -> int:
         import logging
 
         for failure in group.exceptions:
-            logging.getLogger("agent").error("agent failed: %s", failure, exc_info=failure)
+            logging.getLogger("agent").error(  # noqa: TRY400 - one traceback per sub-exception
+                "agent failed: %s", failure, exc_info=failure
+            )
         return EXIT_INVALID
     return EXIT_OK
 
