@@ -61,7 +61,7 @@ case "$cmd" in
         ensure_debian_packages
         ensure_venv
         echo "== ruff"
-        "$venv/bin/ruff" check agent drivers firmware-sim tests bench hil
+        "$venv/bin/ruff" check .
         echo "== mypy"
         "$venv/bin/mypy"
         echo "== pytest"

@@ -54,7 +54,7 @@ def mosquitto_binary() -> str:
     if found is None:
         raise RuntimeError(
             "mosquitto (>= 2.0) was not found on PATH nor in /usr/sbin: the MQTT tests need a real "
-            "broker. Install it as the README's 'Running the tests' section says "
+            "broker. Run the README's test command (packaging/dev.sh test), which installs it "
             "(e.g. `apt-get install mosquitto`), then run the test command again."
         )
     return found
@@ -573,7 +573,7 @@ def subscribe_acl_conf(tmp_dir: Path, subscribe_allowed: Sequence[str]) -> str:
     if plugin is None:
         raise RuntimeError(
             "mosquitto_dynamic_security.so (shipped with Mosquitto >= 2.0) was not found; "
-            "install Mosquitto as the README's 'Running the tests' section says"
+            "run the README's test command (packaging/dev.sh test), which installs Mosquitto"
         )
     config = {
         "defaultACLAccess": {
