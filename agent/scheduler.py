@@ -14,12 +14,12 @@ import enum
 import heapq
 import itertools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from agent.backoff import backoff_delay_s
 from agent.sdk import (
     BusUnavailable,
     DeviceSpec,
@@ -89,14 +89,6 @@ class _Job:
     done: asyncio.Future[Any] = field(compare=False)
 
 
-def full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
-    """AWS-style full-jitter backoff: a random delay in [0, min(cap, base * 2**attempt)].
-
-    Spreads reconnects of many gateways after a city-wide power restore.
-    """
-    return random.uniform(0.0, min(cap_s, base_s * (2 ** min(attempt, 30))))  # noqa: S311
-
-
 class BusWorker:
     """Owns one driver: connects it, polls its devices, runs submitted commands."""
 
@@ -152,13 +144,13 @@ class BusWorker:
             while True:
                 if not await self._connect(attempt):
                     attempt += 1
-                    await asyncio.sleep(full_jitter(attempt, RECONNECT_BASE_S, RECONNECT_MAX_S))
+                    await asyncio.sleep(backoff_delay_s(attempt, RECONNECT_BASE_S, RECONNECT_MAX_S))
                     continue
                 attempt = 0
                 await self._serve()
                 # The link was lost: close it and try again after a short pause.
                 await self._disconnect()
-                await asyncio.sleep(full_jitter(1, RECONNECT_BASE_S, RECONNECT_MAX_S))
+                await asyncio.sleep(backoff_delay_s(1, RECONNECT_BASE_S, RECONNECT_MAX_S))
         finally:
             self._fail_queued(BusDown(f"bus {self.bus_id} is shutting down"))
             await self._disconnect()

@@ -434,7 +434,11 @@ class DriverContext(Protocol):
         advertisements). Non-blocking; safe to call from the event loop only."""
 
     def event(self, kind: str, device: str | None, detail: Mapping[str, Any]) -> None:
-        """Report something the hub should hear about (bus power lost, scan restarted, …)."""
+        """Report something the hub should hear about (bus power lost, scan restarted, …).
+
+        ``detail`` may carry ``"state"``: ``"raised"`` (the default) or ``"cleared"`` for an
+        alarm that holds for a while, ``"info"`` for a one-off event; the rest of ``detail`` is
+        published as the event's ``detail`` object."""
 
 
 class Driver(ABC):

@@ -14,13 +14,13 @@ import contextlib
 import dataclasses
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import agent
+from agent.backoff import backoff_delay_s
 from agent.mqtt import (
     CONNECT_TIMEOUT_S,
     Message,
@@ -47,7 +47,6 @@ __all__ = [
     "RecordSource",
     "Uplink",
     "UplinkStats",
-    "backoff_delay_s",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,27 +117,6 @@ class UplinkStats:
     """Connections established after the first one."""
     inflight: int = 0
     last_error: str | None = None
-
-
-def backoff_delay_s(
-    attempt: int,
-    base_s: float | None = None,
-    cap_s: float | None = None,
-    rng: random.Random | None = None,
-) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base·2^attempt)].
-
-    Full jitter spreads the reconnections of a whole street's gateways after a power or network
-    restoration instead of having them hit the hub in waves.
-    """
-    base = BACKOFF_BASE_S if base_s is None else base_s
-    cap = BACKOFF_CAP_S if cap_s is None else cap_s
-    ceiling = cap if attempt >= 64 else min(cap, base * (2**attempt))
-    # Jitter is not a secret; the module generator is fine.
-    return (rng or _rng).uniform(0.0, ceiling)
-
-
-_rng = random.Random()  # noqa: S311 - timing jitter, not cryptography
 
 
 class _Flight:
@@ -231,14 +209,14 @@ class Uplink:
                         logger.debug("MQTT connection attempt failed again: %s", exc)
                     self._stats.state = "offline"
                     self._stats.last_error = str(exc)
-                    await asyncio.sleep(backoff_delay_s(attempt))
+                    await asyncio.sleep(backoff_delay_s(attempt, BACKOFF_BASE_S, BACKOFF_CAP_S))
                     attempt += 1
                     continue
                 except Exception as exc:
                     logger.exception("unexpected error while connecting to the MQTT hub")
                     self._stats.state = "offline"
                     self._stats.last_error = f"{type(exc).__name__}: {exc}"
-                    await asyncio.sleep(backoff_delay_s(attempt))
+                    await asyncio.sleep(backoff_delay_s(attempt, BACKOFF_BASE_S, BACKOFF_CAP_S))
                     attempt += 1
                     continue
 
@@ -272,7 +250,7 @@ class Uplink:
                 self._stats.last_error = ended
                 if time.monotonic() - connected_at >= STABLE_CONNECTION_S:
                     attempt = 0
-                await asyncio.sleep(backoff_delay_s(attempt))
+                await asyncio.sleep(backoff_delay_s(attempt, BACKOFF_BASE_S, BACKOFF_CAP_S))
                 attempt += 1
         finally:
             self._stats.state = "offline"

@@ -8,79 +8,37 @@ from the first one issued to the last one, without a hole. A hole is a lost reco
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.buffer import Buffer
 from agent.config import load_config
 from agent.crypto import RecordCipher, load_or_create_key
 from agent.runtime import Agent
 from firmware_sim.modbus import EnergyMeter, LampController, ModbusSimulator
-from tests.e2e import PREFIX, REPO, write_config
-from tests.support.mosquitto import MosquittoBroker, free_port
+from tests.e2e import PREFIX, REPO, seqs, write_config
+from tests.support.mosquitto import MosquittoBroker, Subscriber, free_port
 
 GATEWAY = "resilience-gw"
 
 
-class HubRecorder:
+def hub_recorder(broker: MosquittoBroker) -> Subscriber:
     """A hub that never misses a message: a persistent MQTT session (clean start off, session
-    kept for an hour) on a broker with persistence on, so messages published while it is
-    reconnecting are queued for it."""
+    kept for an hour), so messages published while it reconnects are queued for it."""
+    return Subscriber(broker, f"{PREFIX}/{GATEWAY}/+", persistent=True, client_id="hub-recorder")
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.seqs: list[int] = []
-        self.readings = 0
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id="hub-recorder", protocol=paho.MQTTv5
-        )
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = lambda *_: self._subscribed.set()
-        self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(0.1, 0.5)
 
-    def _on_connect(self, client: paho.Client, *_: object) -> None:
-        client.subscribe(f"{PREFIX}/{GATEWAY}/+", qos=1)
-
-    def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
-        if msg.topic.rsplit("/", 1)[-1] not in ("data", "event", "ack"):
-            return
-        document = json.loads(msg.payload)
-        with self._lock:
-            self.seqs.append(int(document["seq"]))
-            self.readings += len(document.get("readings", ()))
-
-    def start(self) -> None:
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 3600
-        self._client.connect("127.0.0.1", self.port, clean_start=False, properties=properties)
-        self._client.loop_start()
-        assert self._subscribed.wait(10), "hub recorder did not subscribe"
-
-    def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-    def snapshot(self) -> list[int]:
-        with self._lock:
-            return list(self.seqs)
+def received_seqs(hub: Subscriber) -> list[int]:
+    return seqs(hub.messages)
 
 
 def check_nothing_lost(received: list[int], remaining: list[int]) -> tuple[int, int]:
@@ -113,7 +71,7 @@ def persistent_broker(tmp_path: Path, port: int | None = None) -> MosquittoBroke
 def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
     broker = persistent_broker(tmp_path)
     broker.start()
-    hub = HubRecorder(broker.port)
+    hub = hub_recorder(broker)
     hub.start()
 
     async def body() -> list[int]:
@@ -131,7 +89,7 @@ def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
         agent = Agent(load_config(path))
         task = asyncio.create_task(agent.run())
         try:
-            await wait_until(lambda: len(hub.snapshot()) >= 5, 15)
+            await wait_until(lambda: len(received_seqs(hub)) >= 5, 15)
             await asyncio.to_thread(broker.stop)
             assert agent.buffer is not None
             # Readings keep coming while the hub is unreachable: they pile up in the buffer.
@@ -150,7 +108,7 @@ def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
     try:
         remaining = asyncio.run(body())
         time.sleep(0.5)
-        delivered, duplicates = check_nothing_lost(hub.snapshot(), remaining)
+        delivered, duplicates = check_nothing_lost(received_seqs(hub), remaining)
         print(
             f"outage: {delivered} records delivered, {duplicates} duplicates, "
             f"{len(remaining)} left in the buffer at shutdown"
@@ -217,7 +175,7 @@ def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 @pytest.mark.slow
 def test_kill_9_while_forwarding_loses_nothing(tmp_path: Path, broker: MosquittoBroker) -> None:
-    hub = HubRecorder(broker.port)
+    hub = hub_recorder(broker)
     hub.start()
     sim_port = free_port()
     rng = random.Random(2026)
@@ -240,17 +198,17 @@ def test_kill_9_while_forwarding_loses_nothing(tmp_path: Path, broker: Mosquitto
                 agent.send_signal(signal.SIGKILL)
                 agent.wait(timeout=10)
             # A last, clean run delivers what the killed ones left behind.
-            before = len(hub.snapshot())
+            before = len(received_seqs(hub))
             agent = start_agent(path, log)
             deadline = time.monotonic() + 30
-            while len(hub.snapshot()) < before + 10 and time.monotonic() < deadline:
+            while len(received_seqs(hub)) < before + 10 and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(1.0)
             agent.send_signal(signal.SIGTERM)
             assert agent.wait(timeout=20) == 0, log.read_text()[-3000:]
         remaining = asyncio.run(remaining_in_buffer(path))
         time.sleep(0.5)
-        delivered, duplicates = check_nothing_lost(hub.snapshot(), remaining)
+        delivered, duplicates = check_nothing_lost(received_seqs(hub), remaining)
         print(
             f"kill -9 x{kills}: {delivered} records delivered, {duplicates} duplicates, "
             f"{len(remaining)} left in the buffer at the clean stop"

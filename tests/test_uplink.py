@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 import agent
 from agent import uplink as uplink_module
+from agent.backoff import backoff_delay_s
 from agent.mqtt import MqttSettings, TlsSettings
-from agent.uplink import Uplink, backoff_delay_s
+from agent.uplink import Uplink
 from tests.support.mosquitto import (
     MosquittoBroker,
     Received,
