@@ -32,8 +32,11 @@ def write_config(
     poll_interval_s: float = 0.3,
     batch_delay_s: float = 0.2,
     extra: str = "",
+    rtu_device: str | None = None,
+    buffer_extra: str = "",
 ) -> Path:
-    """A gateway configuration for the simulated cabinet, with short timings for tests."""
+    """A gateway configuration for the simulated cabinet, with short timings for tests: one
+    Modbus line, over TCP to ``sim_port`` or over RTU through the pty ``rtu_device``."""
     lines = [
         "[gateway]",
         f'id = "{gateway}"',
@@ -48,12 +51,15 @@ def write_config(
         'path = "buffer.db"',
         f"batch_max_delay_s = {batch_delay_s}",
         "batch_max_readings = 50",
+        buffer_extra,
         "",
         "[buses.street-1]",
         'driver = "modbus"',
-        'transport = "tcp"',
-        'host = "127.0.0.1"',
-        f"port = {sim_port}",
+        *(
+            ['transport = "tcp"', 'host = "127.0.0.1"', f"port = {sim_port}"]
+            if rtu_device is None
+            else ['transport = "rtu"', f'device = "{rtu_device}"', "baudrate = 19200"]
+        ),
         "timeout_s = 0.2",
         "",
     ]

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.buffer import Lane
 from agent.config import load_config
 from agent.runtime import Agent
 from agent.sdk import now_ms
@@ -320,5 +321,139 @@ def test_lamp_failure_and_offline_device_raise_and_clear_alarms(
             alarm = events(messages, "lamp_failure", "lamp-1")[0]
             assert alarm["severity"] == "alarm"
             assert json.dumps(alarm)
+
+    asyncio.run(body())
+
+
+def test_rtu_cabinet_over_a_pseudo_terminal(tmp_path: Path, broker: MosquittoBroker) -> None:
+    async def body() -> None:
+        sim = ModbusSimulator({1: LampController(), 2: LampController(), 10: EnergyMeter()})
+        pty = await sim.start_rtu()
+        config = load_config(
+            write_config(
+                tmp_path,
+                gateway=GATEWAY,
+                sim_port=0,
+                broker_port=broker.port,
+                lamps=2,
+                rtu_device=pty,
+            )
+        )
+        sub = Subscriber(broker, f"{BASE}/#")
+        await asyncio.to_thread(sub.start)
+        post = Publisher(broker.port)
+        task = asyncio.create_task(Agent(config).run())
+        try:
+            await sub.wait_for_async(
+                lambda m: (
+                    {"lamp-1", "lamp-2", "meter"}
+                    <= {
+                        r["device"]
+                        for b in payloads(m, "data")
+                        for r in b["readings"]
+                        if r["quality"] == "good"
+                    }
+                ),
+                WAIT_S,
+            )
+            expires = now_ms() + 60_000
+            await post.send(
+                f"{BASE}/cmd",
+                command("rtu-1", expires, action="dim", target={"group": "street"}, level=65),
+            )
+            messages = await sub.wait_for_async(lambda m: bool(acks_for(m, "rtu-1")), WAIT_S)
+            (ack,) = acks_for(messages, "rtu-1")
+            assert ack["status"] == "ok"
+            assert [(r["device"], r["level"]) for r in ack["results"]] == [
+                ("lamp-1", 65),
+                ("lamp-2", 65),
+            ]
+            assert [sim.lamp(u).setpoint for u in (1, 2)] == [65, 65]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            post.close()
+            sub.stop()
+            await sim.stop()
+
+    asyncio.run(body())
+
+
+def test_equipment_restart_is_reported_and_polling_resumes(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    async def body() -> None:
+        async with cabinet(tmp_path, broker) as cab:
+            await cab.sub.wait_for_async(lambda m: bool(payloads(m, "data")), WAIT_S)
+            (port,) = cab.sim.tcp_ports
+            await cab.sim.stop_tcp()
+            await cab.sub.wait_for_async(
+                lambda m: any(e["state"] == "raised" for e in events(m, "bus_offline")), WAIT_S
+            )
+            cab.sub.clear()
+            await cab.sim.start_tcp("127.0.0.1", port)
+            messages = await cab.sub.wait_for_async(
+                lambda m: (
+                    any(e["state"] == "cleared" for e in events(m, "bus_offline"))
+                    and any(
+                        r["device"] == "lamp-1" and r["quality"] == "good"
+                        for b in payloads(m, "data")
+                        for r in b["readings"]
+                    )
+                ),
+                WAIT_S * 2,
+            )
+            assert events(messages, "device_offline", "lamp-1")[-1]["state"] == "cleared"
+
+    asyncio.run(body())
+
+
+def test_full_buffer_drops_oldest_readings_and_says_so(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """With the hub unreachable and the smallest buffer allowed, the oldest readings go first,
+    every drop is reported by an event, and the events survive to reach the hub later."""
+
+    async def body() -> None:
+        sim = ModbusSimulator({u: LampController() for u in (1, 2, 3)} | {10: EnergyMeter()})
+        port = await sim.start_tcp("127.0.0.1", 0)
+        broker.stop()
+        config = load_config(
+            write_config(
+                tmp_path,
+                gateway=GATEWAY,
+                sim_port=port,
+                broker_port=broker.port,
+                poll_interval_s=0.02,
+                batch_delay_s=0.05,
+                buffer_extra="max_bytes = 65536",
+            )
+        )
+        agent = Agent(config)
+        task = asyncio.create_task(agent.run())
+        try:
+            async with asyncio.timeout(60):
+                while agent.buffer is None or (await agent.buffer.stats()).dropped_total == 0:
+                    await asyncio.sleep(0.1)
+            stats = await agent.buffer.stats()
+            assert stats.bytes <= 65536 or stats.by_lane[Lane.TELEMETRY] == 0
+            assert stats.by_lane[Lane.ALARM] >= 1
+            await asyncio.to_thread(broker.start)
+            sub = Subscriber(broker, f"{BASE}/#")
+            await asyncio.to_thread(sub.start)
+            try:
+                messages = await sub.wait_for_async(
+                    lambda m: bool(events(m, "buffer_drop")), WAIT_S
+                )
+                drop = events(messages, "buffer_drop")[0]
+                assert drop["detail"]["count"] > 0
+                assert drop["detail"]["first_seq"] <= drop["detail"]["last_seq"]
+                validator("event").validate(drop)
+            finally:
+                sub.stop()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await sim.stop()
 
     asyncio.run(body())
