@@ -539,6 +539,11 @@ class Buffer:
 
         return finish
 
+    @property
+    def last_seq(self) -> int:
+        """The highest sequence number issued so far (0 before :meth:`open`)."""
+        return self._state.last_seq
+
     async def stats(self) -> BufferStats:
         """Counts and sizes (kept in memory) and the age of the oldest record (one lookup)."""
         conn = self._require_open()

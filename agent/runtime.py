@@ -31,6 +31,8 @@ class _DriverContext:
         self._readings = readings
         self._pipeline = pipeline
         self._logger = logging.getLogger(f"lampyre.bus.{bus_id}")
+        self.worker: BusWorker | None = None
+        """Set once the bus worker exists (it needs the driver, which needs this context)."""
 
     @property
     def logger(self) -> logging.Logger:
@@ -43,6 +45,9 @@ class _DriverContext:
         detail = dict(detail)
         state = str(detail.pop("state", "raised"))
         self._pipeline.event(kind, device, state, detail)
+
+    async def checkpoint(self) -> bool:
+        return await self.worker.checkpoint() if self.worker is not None else False
 
 
 class ReadingRouter:
@@ -141,8 +146,11 @@ class Agent:
         for bus_id, bus in config.buses.items():
             devices = [d for d in config.devices.values() if d.bus == bus_id]
             driver_cls = config.drivers[bus.driver]
-            driver: Driver = driver_cls(bus, devices, _DriverContext(bus_id, router, pipeline))
-            self.workers[bus_id] = BusWorker(driver, devices, router, pipeline.event)
+            context = _DriverContext(bus_id, router, pipeline)
+            driver: Driver = driver_cls(bus, devices, context)
+            context.worker = self.workers[bus_id] = BusWorker(
+                driver, devices, router, pipeline.event
+            )
 
         commands = CommandService(
             config.devices,

@@ -15,6 +15,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -81,7 +82,7 @@ class DeviceState:
     polls: int = 0
 
 
-@dataclass(order=True, slots=True)
+@dataclass(slots=True)
 class _Job:
     priority: int
     order: int
@@ -105,8 +106,11 @@ class BusWorker:
         self.state = {d.id: DeviceState() for d in devices}
         self._readings = readings
         self._events = events
-        self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
+        # Commands first, then polls; within a kind, first come first served.
+        self._jobs: dict[Priority, deque[_Job]] = {p: deque() for p in Priority}
+        self._work = asyncio.Event()
         self._order = itertools.count()
+        self._polling_now = False
         self._connected = asyncio.Event()
         self._bus_reported_down = False
         self._lost = asyncio.Event()
@@ -127,8 +131,36 @@ class BusWorker:
         if not self._connected.is_set():
             raise BusDown(f"bus {self.bus_id} is not connected")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(priority, next(self._order), lambda: job(self.driver), future))
+        self._put(_Job(priority, next(self._order), lambda: job(self.driver), future))
         return await future
+
+    async def checkpoint(self) -> bool:
+        """Run the commands waiting for this bus now, in the middle of a long poll.
+
+        A driver calls it between two transactions of a read that takes many (a DALI memory-bank
+        read is a dozen frames), so a command starts within one frame instead of after the whole
+        poll. Returns True when something ran: the driver must then set up again any bus state
+        its read relied on (DTR registers, a latched bank...). Outside a poll it does nothing.
+        """
+        if not self._polling_now or not self._jobs[Priority.COMMAND]:
+            return False
+        self._polling_now = False
+        try:
+            while self._jobs[Priority.COMMAND] and not self._lost.is_set():
+                await self._execute(self._jobs[Priority.COMMAND].popleft())
+        finally:
+            self._polling_now = True
+        return True
+
+    def _put(self, job: _Job) -> None:
+        self._jobs[Priority(job.priority)].append(job)
+        self._work.set()
+
+    def _take(self) -> _Job | None:
+        for priority in Priority:
+            if self._jobs[priority]:
+                return self._jobs[priority].popleft()
+        return None
 
     def pause_polling(self) -> None:
         """Stop queueing polls (commands still run): for benches and maintenance."""
@@ -223,21 +255,25 @@ class BusWorker:
             self._lost.set()
 
     async def _next_job(self) -> _Job | None:
-        get = asyncio.ensure_future(self._queue.get())
-        lost = asyncio.ensure_future(self._lost.wait())
-        try:
-            await asyncio.wait({get, lost}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-            if not get.done():
-                get.cancel()
-        if get.done() and not get.cancelled():
-            return get.result()
+        """The next job, commands first; None once the link is lost."""
+        while not self._lost.is_set():
+            job = self._take()
+            if job is not None:
+                return job
+            self._work.clear()
+            work = asyncio.ensure_future(self._work.wait())
+            lost = asyncio.ensure_future(self._lost.wait())
+            try:
+                await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                work.cancel()
+                lost.cancel()
         return None
 
     async def _execute(self, job: _Job) -> None:
         if job.done.done():  # cancelled by its submitter while waiting
             return
+        self._polling_now = job.priority == Priority.POLL
         try:
             async with asyncio.timeout(JOB_TIMEOUT_S):
                 result = await job.run()
@@ -257,10 +293,11 @@ class BusWorker:
         else:
             if not job.done.done():
                 job.done.set_result(result)
+        finally:
+            self._polling_now = False
 
     def _fail_queued(self, exc: Exception) -> None:
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
+        while (job := self._take()) is not None:
             if not job.done.done():
                 job.done.set_exception(exc)
         self._poll_queued.clear()
@@ -345,7 +382,7 @@ class BusWorker:
         async def job() -> list[Reading]:
             return await self.driver.read(device, points)
 
-        self._queue.put_nowait(_Job(Priority.POLL, next(self._order), job, future))
+        self._put(_Job(Priority.POLL, next(self._order), job, future))
         try:
             return await future
         except asyncio.CancelledError:

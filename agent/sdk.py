@@ -440,6 +440,16 @@ class DriverContext(Protocol):
         alarm that holds for a while, ``"info"`` for a one-off event; the rest of ``detail`` is
         published as the event's ``detail`` object."""
 
+    async def checkpoint(self) -> bool:
+        """Let waiting commands use the bus now, between two transactions of a long read.
+
+        A read that takes many transactions (a DALI memory-bank read is a dozen frames) calls
+        this between them so a command starts within one transaction, not after the whole poll.
+        Returns True when a command ran: the driver must then set up again any bus state its
+        read relied on (DTR registers, a latched bank...). Call it only from inside ``read``.
+        """
+        ...
+
 
 class Driver(ABC):
     """Base class of every protocol driver, built-in or vendor.

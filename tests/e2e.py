@@ -60,7 +60,7 @@ def write_config(
             if rtu_device is None
             else ['transport = "rtu"', f'device = "{rtu_device}"', "baudrate = 19200"]
         ),
-        "timeout_s = 0.2",
+        "timeout_s = 0.5",
         "",
     ]
     for unit in range(1, lamps + 1):

@@ -219,3 +219,49 @@ def test_lost_link_fails_commands_fast_then_reconnects(monkeypatch: pytest.Monke
             await stop(task)
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+class LongReadDriver(RecordingDriver):
+    """A read of many transactions that offers the bus to commands between them."""
+
+    worker: BusWorker | None = None
+    reestablished = 0
+
+    async def read(self, device: DeviceSpec, points: Sequence[PointSpec]) -> list[Reading]:
+        for frame in range(10):
+            await self._transaction(f"read {device.id} frame {frame}")
+            assert self.worker is not None
+            if await self.worker.checkpoint():
+                self.reestablished += 1
+        return [Reading(device.id, p.name, 1, p.unit, 0) for p in points]
+
+
+def test_a_command_preempts_a_long_poll_between_two_transactions() -> None:
+    async def body() -> None:
+        devices = [device("d0", interval_s=0.01)]
+        driver = LongReadDriver(devices)
+        sink = Sink()
+        worker = BusWorker(driver, devices, sink, sink)
+        driver.worker = worker
+        task = asyncio.create_task(worker.run())
+        try:
+            while not any("frame 2" in c for c in driver.calls):
+                await asyncio.sleep(0.005)
+
+            async def job(d: Driver) -> None:
+                await d.write(devices[0], POINT, 50)
+
+            mark = len(driver.calls)
+            await worker.submit(Priority.COMMAND, job)
+            position = driver.calls.index("write d0", mark)
+            assert position - mark <= 1, driver.calls[mark:]
+            # The poll it interrupted went on afterwards, told to set its bus state up again.
+            assert "frame" in driver.calls[position + 1]
+            assert driver.reestablished >= 1
+            assert driver.max_active == 1
+            # Outside a poll, a checkpoint does nothing.
+            assert await worker.checkpoint() is False
+        finally:
+            await stop(task)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
