@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from agent.sdk import (
     DeviceSpec,
@@ -30,6 +30,8 @@ from agent.sdk import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MAX_COMMAND_BYTES = 4096
 """Larger messages are refused before JSON parsing (a cheap guard against memory abuse)."""
 MAX_TTL_MS = 24 * 3600 * 1000
@@ -38,13 +40,17 @@ DEDUPE_KEEP_MS = 3600 * 1000
 """How long after its expiry a command id is still remembered."""
 COMMAND_TIMEOUT_S = 30.0
 """Bound on executing one command on all its devices."""
+FADE_MARGIN_S = 0.3
+"""After a fade, wait this much longer before reading back (the gear's own timing is loose)."""
+MAX_FADE_S = 90.5
+"""The longest standard DALI fade time; other protocols apply levels at once."""
 LEVEL_TOLERANCE = 1.0
 """Read-back within this many percent of the request counts as done (integer registers round)."""
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 ACTIONS = ("dim", "switch")
 COMMON_KEYS = {"id", "action", "target", "expires"}
-ACTION_KEYS = {"dim": {"level"}, "switch": {"state"}}
+ACTION_KEYS = {"dim": {"level", "fade_s"}, "switch": {"state"}}
 
 
 class Rejected(Exception):
@@ -79,6 +85,8 @@ class Command:
     level: float
     """Requested level in percent (``switch`` on = 100, off = 0)."""
     expires_ms: int
+    fade_s: float | None = None
+    """Transition time asked for (dim only); None = the equipment's default."""
 
 
 def parse_command(payload: bytes, now: int) -> Command:
@@ -132,12 +140,22 @@ def parse_command(payload: bytes, now: int) -> Command:
         if not 0 <= level <= 100:
             raise reject("invalid_level", f"level: expected a number from 0 to 100, got {level}")
         value = float(level)
+        fade = document.get("fade_s")
+        if fade is not None and (
+            isinstance(fade, bool)
+            or not isinstance(fade, int | float)
+            or not 0 <= fade <= MAX_FADE_S
+        ):
+            raise reject("invalid_level", f"fade_s: expected seconds from 0 to {MAX_FADE_S}")
     else:
+        fade = None
         state = document.get("state")
         if state not in ("on", "off"):
             raise reject("invalid_state", f"state: expected 'on' or 'off', got {state!r}")
         value = 100.0 if state == "on" else 0.0
-    return Command(command_id, action, target, value, expires)
+    return Command(
+        command_id, action, target, value, expires, None if fade is None else float(fade)
+    )
 
 
 def _parse_target(raw: Any, reject: Callable[[str, str], Rejected]) -> Target:
@@ -168,11 +186,9 @@ class CommandStore(Protocol):
 
 
 class BusRunner(Protocol):
-    """What the command path needs of a bus worker."""
+    """What the command path needs of the bus workers: run a job on a bus, ahead of polls."""
 
-    async def run_command(
-        self, device: DeviceSpec, job: Callable[[Driver], Awaitable[Any]]
-    ) -> Any: ...
+    async def run_on_bus(self, bus: str, job: Callable[[Driver], Awaitable[T]]) -> T: ...
 
 
 AckSink = Callable[[Mapping[str, Any]], None]
@@ -309,28 +325,35 @@ class CommandService:
 
     # --------------------------------------------------------------- execution
     async def _execute(self, command: Command, devices: list[DeviceSpec]) -> None:
-        results: list[dict[str, Any]] = []
+        by_bus: dict[str, list[DeviceSpec]] = {}
+        for device in devices:
+            by_bus.setdefault(device.bus, []).append(device)
+        results: dict[str, dict[str, Any]] = {}
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                results = list(
-                    await asyncio.gather(*(self._apply(command, device) for device in devices))
-                )
+                # Buses work in parallel; on each bus the devices share one job.
+                for part in await asyncio.gather(
+                    *(self._apply_on_bus(command, bus, members) for bus, members in by_bus.items())
+                ):
+                    results.update(part)
         except TimeoutError:
-            done = {r["device"] for r in results}
-            results += [
-                {"device": d.id, "status": "unknown", "level": None, "error": "timed out"}
-                for d in devices
-                if d.id not in done
-            ]
-        status = "ok" if all(r["status"] == "ok" for r in results) else "error"
-        body = {
+            pass
+        ordered = [
+            results.get(d.id)
+            or {"device": d.id, "status": "unknown", "level": None, "error": "timed out"}
+            for d in devices
+        ]
+        status = "ok" if all(r["status"] == "ok" for r in ordered) else "error"
+        body: dict[str, Any] = {
             "id": command.id,
             "status": status,
             "action": command.action,
             "target": command.target.as_json(),
             "requested": command.level,
-            "results": results,
+            "results": ordered,
         }
+        if command.fade_s is not None:
+            body["fade_s"] = command.fade_s
         self._in_progress.discard(command.id)
         try:
             await self._store.remember_command(
@@ -339,35 +362,66 @@ class CommandService:
         except Exception:
             log.exception("command %s: could not record its result", command.id)
         self._acks(body)
-        log.info("command %s %s: %s", command.id, status, results)
+        log.info("command %s %s: %s", command.id, status, ordered)
 
-    async def _apply(self, command: Command, device: DeviceSpec) -> dict[str, Any]:
-        setpoint = device.profile.point_with_role(PointRole.DIM_LEVEL)
-        feedback = device.profile.point_with_role(PointRole.ACTUAL_LEVEL) or setpoint
-        assert setpoint is not None and feedback is not None  # ensured by _resolve
+    async def _apply_on_bus(
+        self, command: Command, bus: str, devices: list[DeviceSpec]
+    ) -> dict[str, dict[str, Any]]:
+        """Write the level to every device of one bus, then read each one back."""
+        targets = [(d, _role_point(d, PointRole.DIM_LEVEL)) for d in devices]
+        fading = bool(command.fade_s)
         try:
-            level = await self._runner.run_command(
-                device, _write_and_read_back(device, setpoint, feedback, command.level)
+            failures, levels = await self._runner.run_on_bus(
+                bus, _write_and_read_back(targets, command.level, command.fade_s, not fading)
             )
+            if fading:
+                # Read back once the fade is over, in a job of its own: polls go on meanwhile.
+                assert command.fade_s is not None
+                await asyncio.sleep(command.fade_s + FADE_MARGIN_S)
+                levels = await self._runner.run_on_bus(
+                    bus, _read_back([d for d, _ in targets if d.id not in failures])
+                )
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
-            return {"device": device.id, "status": "error", "level": None, "error": reason}
-        if level is None:
             return {
-                "device": device.id,
-                "status": "unknown",
-                "level": None,
-                "error": "written, but the level could not be read back",
+                d.id: {"device": d.id, "status": "error", "level": None, "error": reason}
+                for d in devices
             }
-        if abs(level - command.level) > LEVEL_TOLERANCE:
-            return {
-                "device": device.id,
-                "status": "mismatch",
-                "level": level,
-                "error": f"the equipment reports {level:g} % after being asked for "
-                f"{command.level:g} %",
-            }
-        return {"device": device.id, "status": "ok", "level": level}
+        return {
+            d.id: _result(d.id, command.level, failures.get(d.id), levels.get(d.id))
+            for d in devices
+        }
+
+
+def _result(
+    device_id: str, requested: float, failure: Exception | None, level: float | None
+) -> dict[str, Any]:
+    if failure is not None:
+        reason = str(failure) or type(failure).__name__
+        return {"device": device_id, "status": "error", "level": level, "error": reason}
+    if level is None:
+        return {
+            "device": device_id,
+            "status": "unknown",
+            "level": None,
+            "error": "written, but the level could not be read back",
+        }
+    if abs(level - requested) > LEVEL_TOLERANCE:
+        return {
+            "device": device_id,
+            "status": "mismatch",
+            "level": level,
+            "error": f"the equipment reports {level:g} % after being asked for {requested:g} %",
+        }
+    return {"device": device_id, "status": "ok", "level": level}
+
+
+def _role_point(device: DeviceSpec, role: PointRole) -> PointSpec:
+    point = device.profile.point_with_role(role)
+    if point is None and role is PointRole.ACTUAL_LEVEL:
+        point = device.profile.point_with_role(PointRole.DIM_LEVEL)
+    assert point is not None  # ensured by CommandService._resolve
+    return point
 
 
 class _Original(Exception):
@@ -378,27 +432,48 @@ class _Original(Exception):
         self.ack = ack
 
 
-def _write_and_read_back(
-    device: DeviceSpec, setpoint: PointSpec, feedback: PointSpec, level: float
-) -> Callable[[Driver], Awaitable[float | None]]:
-    """One bus job: write the level, then read the feedback point in the same slot, so no poll
-    runs between the two and the ack reports this command's effect."""
+Levels = dict[str, float | None]
 
-    async def job(driver: Driver) -> float | None:
-        await driver.write(device, setpoint, level)
-        try:
-            readings = await driver.read(device, [feedback])
-        except DriverError as exc:
-            # The write went through; only the answer is missing. Say "unknown", never "ok".
-            log.warning("device %s: read-back after write failed: %s", device.id, exc)
-            return None
-        for reading in readings:
-            if (
-                reading.point == feedback.name
-                and reading.quality is Quality.GOOD
-                and isinstance(reading.value, int | float)
-            ):
-                return float(reading.value)
-        return None
+
+def _write_and_read_back(
+    targets: list[tuple[DeviceSpec, PointSpec]],
+    level: float,
+    fade_s: float | None,
+    read_back: bool,
+) -> Callable[[Driver], Awaitable[tuple[Mapping[str, Exception], Levels]]]:
+    """One bus job: write the level (one frame for a whole group where the protocol can), then
+    read every device back in the same slot, so no poll runs between the two and the ack
+    reports this command's effect."""
+
+    async def job(driver: Driver) -> tuple[Mapping[str, Exception], Levels]:
+        failures = await driver.write_many(targets, level, fade_s=fade_s)
+        if not read_back:
+            return failures, {}
+        written = [device for device, _ in targets if device.id not in failures]
+        return failures, await _read_back(written)(driver)
+
+    return job
+
+
+def _read_back(devices: list[DeviceSpec]) -> Callable[[Driver], Awaitable[Levels]]:
+    async def job(driver: Driver) -> Levels:
+        levels: Levels = {}
+        for device in devices:
+            feedback = _role_point(device, PointRole.ACTUAL_LEVEL)
+            levels[device.id] = None
+            try:
+                readings = await driver.read(device, [feedback])
+            except DriverError as exc:
+                # The write went through; only the answer is missing: "unknown", never "ok".
+                log.warning("device %s: read-back after write failed: %s", device.id, exc)
+                continue
+            for reading in readings:
+                if (
+                    reading.point == feedback.name
+                    and reading.quality is Quality.GOOD
+                    and isinstance(reading.value, int | float)
+                ):
+                    levels[device.id] = float(reading.value)
+        return levels
 
     return job

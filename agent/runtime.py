@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.buffer import Buffer, BufferStats, DropReport
 from agent.commands import CommandService
@@ -22,6 +22,8 @@ from agent.uplink import Uplink, UplinkStats
 log = logging.getLogger(__name__)
 
 COMMAND_MEMORY_PURGE_S = 600.0
+
+T = TypeVar("T")
 
 
 class _DriverContext:
@@ -217,13 +219,13 @@ class Agent:
 
 
 class _CommandRunner:
-    """Puts a command's job on its device's bus, ahead of polling."""
+    """Puts a command's job on a bus, ahead of polling."""
 
     def __init__(self, workers: Mapping[str, BusWorker]) -> None:
         self._workers = workers
 
-    async def run_command(self, device: DeviceSpec, job: Callable[[Driver], Awaitable[Any]]) -> Any:
-        return await self._workers[device.bus].submit(Priority.COMMAND, job)
+    async def run_on_bus(self, bus: str, job: Callable[[Driver], Awaitable[T]]) -> T:
+        return await self._workers[bus].submit(Priority.COMMAND, job)
 
 
 def _report_drop(pipeline: Pipeline, report: DropReport) -> None:

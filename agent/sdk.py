@@ -515,9 +515,42 @@ class Driver(ABC):
         raises :class:`DeviceUnreachable`."""
 
     @abstractmethod
-    async def write(self, device: DeviceSpec, point: PointSpec, value: float | int | bool) -> None:
+    async def write(
+        self,
+        device: DeviceSpec,
+        point: PointSpec,
+        value: float | int | bool,
+        *,
+        fade_s: float | None = None,
+    ) -> None:
         """Write ``value`` (in the point's engineering unit) to a writable point. The runtime
-        reads back afterwards to learn what the equipment really did."""
+        reads back afterwards to learn what the equipment really did.
+
+        ``fade_s`` asks for a transition of that many seconds (DALI fade time); a driver whose
+        equipment cannot fade applies the value at once, and the read-back shows it."""
+
+    async def write_many(
+        self,
+        targets: Sequence[tuple[DeviceSpec, PointSpec]],
+        value: float | int | bool,
+        *,
+        fade_s: float | None = None,
+    ) -> Mapping[str, Exception]:
+        """Write the same value to several devices of this bus; returns the failures by device
+        id (empty when every write went out).
+
+        The default writes one device after the other. A protocol with group or broadcast
+        addressing (DALI) overrides it to reach many devices with one frame when the targets
+        are exactly such a group: the runtime reads every device back either way."""
+        failures: dict[str, Exception] = {}
+        for device, point in targets:
+            try:
+                await self.write(device, point, value, fade_s=fade_s)
+            except BusUnavailable:
+                raise
+            except Exception as exc:
+                failures[device.id] = exc
+        return failures
 
     @abstractmethod
     def health(self) -> BusHealth:

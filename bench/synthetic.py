@@ -44,7 +44,14 @@ class SyntheticDriver(Driver):
             Reading(device.id, p.name, float(self._counter % 1000) / 10, p.unit, ts) for p in points
         ]
 
-    async def write(self, device: DeviceSpec, point: PointSpec, value: float | int | bool) -> None:
+    async def write(
+        self,
+        device: DeviceSpec,
+        point: PointSpec,
+        value: float | int | bool,
+        *,
+        fade_s: float | None = None,
+    ) -> None:
         self._health.transactions += 1
 
     def health(self) -> BusHealth:

@@ -79,7 +79,14 @@ class FakeDriver(Driver):
     async def read(self, device: DeviceSpec, points: Sequence[PointSpec]) -> list[Reading]:
         raise NotImplementedError
 
-    async def write(self, device: DeviceSpec, point: PointSpec, value: float | int | bool) -> None:
+    async def write(
+        self,
+        device: DeviceSpec,
+        point: PointSpec,
+        value: float | int | bool,
+        *,
+        fade_s: float | None = None,
+    ) -> None:
         raise NotImplementedError
 
     def health(self) -> BusHealth:

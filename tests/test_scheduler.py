@@ -91,7 +91,14 @@ class RecordingDriver(Driver):
             raise DeviceUnreachable("no answer")
         return [Reading(device.id, p.name, 1, p.unit, 0) for p in points]
 
-    async def write(self, device: DeviceSpec, point: PointSpec, value: float | int | bool) -> None:
+    async def write(
+        self,
+        device: DeviceSpec,
+        point: PointSpec,
+        value: float | int | bool,
+        *,
+        fade_s: float | None = None,
+    ) -> None:
         await self._transaction(f"write {device.id}")
 
     def health(self) -> BusHealth:

@@ -213,7 +213,14 @@ class ModbusDriver(Driver):
             self._plans[key] = tuple(kept)
         return readings
 
-    async def write(self, device: DeviceSpec, point: PointSpec, value: float | int | bool) -> None:
+    async def write(
+        self,
+        device: DeviceSpec,
+        point: PointSpec,
+        value: float | int | bool,
+        *,
+        fade_s: float | None = None,  # Modbus registers take a value at once: no fade
+    ) -> None:
         unit = self._unit(device)
         address = self._address(device, point)
         if not point.writable:
