@@ -114,3 +114,15 @@ def test_arbitrary_documents_are_rejected_or_valid(document: dict[str, Any]) -> 
     assert 0 <= parsed.level <= 100
     assert parsed.expires_ms > NOW
     assert parsed.action in ("dim", "switch")
+
+
+def test_fade_is_optional_bounded_and_only_for_dim() -> None:
+    assert parse_command(command(fade_s=2.5), NOW).fade_s == 2.5
+    assert parse_command(command(), NOW).fade_s is None
+    for bad in (-1, 91, "2", True):
+        with pytest.raises(Rejected) as caught:
+            parse_command(command(fade_s=bad), NOW)
+        assert caught.value.code == "invalid_level"
+    with pytest.raises(Rejected) as caught:
+        parse_command(command(action="switch", level=..., state="on", fade_s=1), NOW)
+    assert caught.value.code == "malformed"
