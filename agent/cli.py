@@ -76,7 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_log_level(demo, default="warning")
     demo.set_defaults(handler=_demo)
+    _register_plugins(commands)
     return parser
+
+
+CLI_ENTRY_POINT_GROUP = "lampyre.cli"
+
+
+def _register_plugins(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Subcommands contributed by drivers (``lampyre dali scan``...), through the entry-point
+    group ``lampyre.cli``: each entry is a ``register(subparsers)`` callable that adds its
+    parser and sets ``handler`` (``args -> exit status``) as its default. The core knows no
+    protocol; a driver's tools come with the driver."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=CLI_ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            register = ep.load()
+            register(commands)
+        except Exception as exc:
+            print(f"lampyre: command {ep.name!r} unavailable: {exc}", file=sys.stderr)
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: str = "info") -> None:
