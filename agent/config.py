@@ -43,6 +43,7 @@ __all__ = [
     "CONFIG_SPEC",
     "PROFILE_SPEC",
     "BufferConfig",
+    "Circuit",
     "ConfigErrors",
     "Field",
     "GatewayConfig",
@@ -339,8 +340,38 @@ DEVICE_SPEC: Final = TableSpec(
             minimum=0.0,
             exclusive_minimum=True,
         ),
+        Field(
+            "circuit",
+            Kind.STR,
+            "Name of the switched circuit (under [circuits]) that powers the device: while the "
+            "cabinet has it off, the device not answering is no alarm.",
+            default=None,
+            pattern=ID_PATTERN,
+            pattern_text=ID_TEXT,
+        ),
     ),
     driver_keys=True,
+)
+
+CIRCUIT_SPEC: Final = TableSpec(
+    "circuits.<name>",
+    "A switched lighting circuit of the cabinet, and the point that tells whether it is on.",
+    (
+        Field(
+            "device",
+            Kind.STR,
+            "Id of the device that reports the circuit's state (a contactor, a controller).",
+            pattern=ID_PATTERN,
+            pattern_text=ID_TEXT,
+        ),
+        Field(
+            "point",
+            Kind.STR,
+            "Name of that device's point that is true (non-zero) while the circuit is on.",
+            pattern=POINT_NAME_PATTERN,
+            pattern_text=POINT_NAME_TEXT,
+        ),
+    ),
 )
 
 CONFIG_SPEC: Final = TableSpec(
@@ -382,6 +413,15 @@ CONFIG_SPEC: Final = TableSpec(
                 pattern=ID_PATTERN,
                 pattern_text=ID_TEXT,
             ),
+            pattern=ID_PATTERN,
+            pattern_text=ID_TEXT,
+        ),
+        Field(
+            "circuits",
+            Kind.MAP,
+            "Switched circuits by name (devices name theirs with `circuit`).",
+            default=None,
+            item=Field("circuit", Kind.TABLE, CIRCUIT_SPEC.description, table=CIRCUIT_SPEC),
             pattern=ID_PATTERN,
             pattern_text=ID_TEXT,
         ),
@@ -475,6 +515,16 @@ class BufferConfig:
 
 
 @dataclass(frozen=True)
+class Circuit:
+    """A switched circuit: the device and point that say whether it is on, and what it feeds."""
+
+    name: str
+    device: str
+    point: str
+    feeds: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     file: Path
     gateway_id: str
@@ -485,6 +535,8 @@ class GatewayConfig:
     groups: Mapping[str, tuple[str, ...]]
     drivers: Mapping[str, type[Driver]]
     """Driver name -> class, for the drivers the buses use."""
+    circuits: Mapping[str, Circuit] = field(default_factory=dict)
+    """Switched circuits by name, each with the devices it feeds."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,6 +735,7 @@ class _Loader:
         profile_dirs = gateway.values.get("profile_dirs", ["profiles"])
         devices, device_ids = self.devices(root, buses, bus_classes, profile_dirs)
         groups = self.groups(root, device_ids)
+        circuits = self.circuits(root, devices)
         gateway_id = gateway.values.get("id")
         hub_config = self.hub(hub, gateway_id)
         buffer_config = self.buffer(buffer)
@@ -698,6 +751,7 @@ class _Loader:
             devices=MappingProxyType(devices),
             groups=MappingProxyType(groups),
             drivers=MappingProxyType({k: v for k, v in drivers.items() if v is not None}),
+            circuits=MappingProxyType(circuits),
         )
 
     def in_file_order(self) -> list[ConfigError]:
@@ -904,6 +958,58 @@ class _Loader:
                 continue
             groups[name] = tuple(members)
         return groups
+
+    def circuits(self, root: ConfigTable, devices: Mapping[str, DeviceSpec]) -> dict[str, Circuit]:
+        circuits: dict[str, Circuit] = {}
+        table = self.map_table(root, CONFIG_SPEC, "circuits")
+        if table is not None:
+            for name in _entries(table, CONFIG_SPEC.field("circuits"), self.errors):
+                try:
+                    circuit_table = table.table(name)
+                except ConfigError as exc:
+                    self.errors.append(exc)
+                    continue
+                before = len(self.errors)
+                values = self.read(circuit_table, CIRCUIT_SPEC).values
+                device = devices.get(values.get("device", ""))
+                if "device" in values and device is None:
+                    self.errors.append(
+                        circuit_table.error(
+                            "device", f"unknown device {values['device']!r}; expected a device id"
+                        )
+                    )
+                elif device is not None and values.get("point") not in device.profile.points:
+                    known = ", ".join(device.profile.points)
+                    self.errors.append(
+                        circuit_table.error(
+                            "point",
+                            f"device {device.id!r} has no point {values.get('point')!r}; "
+                            f"expected one of: {known}",
+                        )
+                    )
+                if len(self.errors) == before and device is not None:
+                    circuits[name] = Circuit(name, device.id, values["point"], ())
+        # Each device's `circuit` must name one of them.
+        devices_table = self.map_table(root, CONFIG_SPEC, "devices")
+        feeds: dict[str, list[str]] = {name: [] for name in circuits}
+        for device_id in devices:
+            assert devices_table is not None
+            circuit = devices_table.table(device_id).get("circuit")
+            if circuit is None:
+                continue
+            if circuit in feeds:
+                feeds[circuit].append(device_id)
+            elif not _declared(root, "circuits", circuit):
+                self.errors.append(
+                    devices_table.table(device_id).error(
+                        "circuit",
+                        f"unknown circuit {circuit!r}; expected a circuit under [circuits]",
+                    )
+                )
+        return {
+            name: Circuit(c.name, c.device, c.point, tuple(feeds[name]))
+            for name, c in circuits.items()
+        }
 
     # Profiles ------------------------------------------------------------------------------
     def profile(

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from agent.buffer import Buffer, BufferStats, DropReport
 from agent.commands import CommandService
-from agent.config import GatewayConfig
+from agent.config import Circuit, GatewayConfig
 from agent.crypto import RecordCipher, load_or_create_key
 from agent.pipeline import Pipeline
 from agent.scheduler import BusWorker, DeviceState, Priority
@@ -54,10 +54,20 @@ class _DriverContext:
 
 class ReadingRouter:
     """Between the buses and the pipeline: watches lamp-failure points (an alarm is raised on
-    the poll that sees the failure, cleared when it clears) and keeps the last values."""
+    the poll that sees the failure, cleared when it clears) and the points that say whether
+    each switched circuit is on (a lamp on a circuit that is off is not expected to answer)."""
 
-    def __init__(self, devices: Mapping[str, DeviceSpec], pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        devices: Mapping[str, DeviceSpec],
+        pipeline: Pipeline,
+        circuits: Mapping[str, Circuit] | None = None,
+    ) -> None:
         self._pipeline = pipeline
+        circuits = circuits or {}
+        self._circuit_of_point = {(c.device, c.point): name for name, c in circuits.items()}
+        self._circuit_of_device = {d: name for name, c in circuits.items() for d in c.feeds}
+        self._circuit_on: dict[str, bool] = {}
         self._failure_point = {
             device_id: point.name
             for device_id, device in devices.items()
@@ -67,12 +77,22 @@ class ReadingRouter:
 
     def submit(self, readings: Sequence[Reading]) -> None:
         for reading in readings:
-            if (
-                reading.quality is Quality.GOOD
-                and self._failure_point.get(reading.device) == reading.point
-            ):
+            if reading.quality is not Quality.GOOD:
+                continue
+            if self._failure_point.get(reading.device) == reading.point:
                 self._observe_failure(reading)
+            circuit = self._circuit_of_point.get((reading.device, reading.point))
+            if circuit is not None:
+                on = bool(reading.value)
+                if self._circuit_on.get(circuit) != on:
+                    log.info("circuit %s is %s", circuit, "on" if on else "off")
+                self._circuit_on[circuit] = on
         self._pipeline.submit(readings)
+
+    def powered(self, device_id: str) -> bool:
+        """False only when the device's circuit is known to be switched off."""
+        circuit = self._circuit_of_device.get(device_id)
+        return circuit is None or self._circuit_on.get(circuit, True)
 
     def _observe_failure(self, reading: Reading) -> None:
         failed = bool(reading.value)
@@ -143,7 +163,7 @@ class Agent:
                 {"seqs": list(report.seqs[:20]), "quarantined_total": report.quarantined_total},
             )
         )
-        router = ReadingRouter(config.devices, pipeline)
+        router = ReadingRouter(config.devices, pipeline, config.circuits)
 
         for bus_id, bus in config.buses.items():
             devices = [d for d in config.devices.values() if d.bus == bus_id]
@@ -151,7 +171,7 @@ class Agent:
             context = _DriverContext(bus_id, router, pipeline)
             driver: Driver = driver_cls(bus, devices, context)
             context.worker = self.workers[bus_id] = BusWorker(
-                driver, devices, router, pipeline.event
+                driver, devices, router, pipeline.event, router.powered
             )
 
         commands = CommandService(

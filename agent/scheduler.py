@@ -99,8 +99,10 @@ class BusWorker:
         devices: Sequence[DeviceSpec],
         readings: ReadingSink,
         events: EventSink,
+        powered: Callable[[str], bool] = lambda _device_id: True,
     ) -> None:
         self.driver = driver
+        self._powered = powered
         self.bus_id = driver.bus.id
         self.devices = {d.id: d for d in devices}
         self.state = {d.id: DeviceState() for d in devices}
@@ -333,7 +335,7 @@ class BusWorker:
 
     def _interval(self, device: DeviceSpec) -> float:
         state = self.state[device.id]
-        if state.online is False and state.failures > 0:
+        if state.online is False and state.failures > 0 and self._powered(device.id):
             # Exponential backoff of an offline device: it costs the line a timeout per poll,
             # which would otherwise starve the devices that do answer.
             backoff: float = device.poll_interval_s * (2 ** min(state.failures - 1, 10))
@@ -400,6 +402,11 @@ class BusWorker:
                 for p in device.profile.points.values()
             ]
         )
+        if not self._powered(device.id):
+            # Its circuit is switched off (by day, say): silence is expected, no alarm, and no
+            # backoff either, so it is seen again as soon as the cabinet switches it on.
+            log.debug("device %s: no answer, its circuit is off", device.id)
+            return
         if state.online is not False and state.failures >= OFFLINE_AFTER_FAILURES:
             state.online = False
             log.warning("device %s is offline: %s", device.id, reason)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from agent.cli import main
 from agent.config import (
+    CIRCUIT_SPEC,
     BUFFER_SPEC,
     BUS_SPEC,
     CONFIG_SPEC,
@@ -802,6 +803,7 @@ def _declared_fields(spec: TableSpec) -> list[str]:
 def test_every_declared_key_is_documented() -> None:
     doc = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     specs = [CONFIG_SPEC, GATEWAY_SPEC, HUB_SPEC, TLS_SPEC, BUFFER_SPEC, BUS_SPEC, DEVICE_SPEC]
+    specs += [CIRCUIT_SPEC]
     specs += [PROFILE_SPEC, PROFILE_HEAD_SPEC, POINT_SPEC]
     for spec in specs:
         for name in _declared_fields(spec):
@@ -900,3 +902,51 @@ def test_demo_config_matches_the_demo_layout() -> None:
         "even": ("lamp-2", "lamp-4"),
     }
     assert os.fspath(config.file).endswith("demo.toml")
+
+
+# --------------------------------------------------------------------------------------------
+# Switched circuits.
+# --------------------------------------------------------------------------------------------
+
+CIRCUITS = """
+[circuits.street-a]
+device = "lamp-2"
+point = "power"
+"""
+
+
+def test_circuits_name_a_device_point_and_list_what_they_feed(setup: Setup) -> None:
+    text = setup.config.read_text(encoding="utf-8").replace(
+        "[devices.lamp-1]\n", '[devices.lamp-1]\ncircuit = "street-a"\n'
+    )
+    setup.write(text + CIRCUITS)
+    config = load_config(setup.config, drivers=DRIVERS)
+    circuit = config.circuits["street-a"]
+    assert (circuit.device, circuit.point, circuit.feeds) == ("lamp-2", "power", ("lamp-1",))
+    # The core key does not reach the driver.
+    assert "circuit" not in config.devices["lamp-1"].options
+
+
+@pytest.mark.parametrize(
+    ("replace", "marker", "expected"),
+    [
+        ('device = "lamp-2"', 'device = "lamp-9"', "unknown device 'lamp-9'"),
+        ('point = "power"', 'point = "volts"', "has no point 'volts'; expected one of"),
+        ("", 'circuit = "nowhere"', "unknown circuit 'nowhere'"),
+    ],
+)
+def test_circuit_errors_name_file_and_line(
+    setup: Setup, replace: str, marker: str, expected: str
+) -> None:
+    circuits = CIRCUITS.replace(replace, marker) if replace else CIRCUITS
+    text = setup.config.read_text(encoding="utf-8")
+    if not replace:
+        text = text.replace("[devices.lamp-1]\n", f"[devices.lamp-1]\n{marker}\n")
+    setup.write(text + circuits)
+    (error,) = errors_of(setup.config)
+    assert error.where is not None
+    assert (error.where.file, error.where.line) == (
+        str(setup.config),
+        line_of(setup.config, marker),
+    )
+    assert expected in str(error)

@@ -13,7 +13,7 @@ from agent.buffer import Lane
 from agent.config import load_config
 from agent.runtime import Agent
 from agent.sdk import now_ms
-from firmware_sim.modbus import EnergyMeter, LampController, ModbusSimulator
+from firmware_sim.modbus import EnergyMeter, LampController, MemoryDevice, ModbusSimulator
 from tests.e2e import (
     PREFIX,
     Publisher,
@@ -455,6 +455,65 @@ def test_full_buffer_drops_oldest_readings_and_says_so(
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            await sim.stop()
+
+    asyncio.run(body())
+
+
+def test_silent_lamp_on_a_switched_off_circuit_is_no_alarm(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    async def body() -> None:
+        io = MemoryDevice(size=8)
+        sim = ModbusSimulator({1: LampController(), 2: LampController(), 20: io})
+        port = await sim.start_tcp("127.0.0.1", 0)
+        path = write_config(
+            tmp_path,
+            gateway=GATEWAY,
+            sim_port=port,
+            broker_port=broker.port,
+            lamps=2,
+            meter=False,
+            extra='[devices.cabinet-io]\nbus = "street-1"\nprofile = "cabinet-io"\nunit = 20\n'
+            'poll_interval_s = 0.1\n\n[circuits.street]\ndevice = "cabinet-io"\n'
+            'point = "contactor_1"\n',
+        )
+        text = path.read_text().replace(
+            "[devices.lamp-2]\n", '[devices.lamp-2]\ncircuit = "street"\n'
+        )
+        path.write_text(text)
+        config = load_config(path)
+        sub = Subscriber(broker, f"{BASE}/#")
+        await asyncio.to_thread(sub.start)
+        task = asyncio.create_task(Agent(config).run())
+        try:
+            # By day: the contactor is open and lamp-2's controller is unpowered.
+            io.discrete[0] = False
+            sim.lamp(2).faults.no_answer = True
+            await sub.wait_for_async(
+                lambda m: (
+                    sum(
+                        1
+                        for b in payloads(m, "data")
+                        for r in b["readings"]
+                        if r["device"] == "lamp-2" and r["quality"] == "bad"
+                    )
+                    >= 10
+                ),
+                WAIT_S,
+            )
+            assert not events(sub.messages, "device_offline", "lamp-2")
+            # Dusk: the circuit is switched on, and lamp-2 still does not answer: an alarm.
+            io.discrete[0] = True
+            messages = await sub.wait_for_async(
+                lambda m: bool(events(m, "device_offline", "lamp-2")), WAIT_S
+            )
+            assert events(messages, "device_offline", "lamp-2")[0]["state"] == "raised"
+            assert not events(messages, "device_offline", "lamp-1")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            sub.stop()
             await sim.stop()
 
     asyncio.run(body())
