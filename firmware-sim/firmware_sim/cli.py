@@ -28,9 +28,10 @@ class SimulatorCommand:
 
 
 def _simulators() -> tuple[SimulatorCommand, ...]:
+    from firmware_sim.dali.cli import COMMAND as DALI
     from firmware_sim.modbus.cli import COMMAND as MODBUS
 
-    return (MODBUS,)
+    return (MODBUS, DALI)
 
 
 SIMULATORS: Callable[[], tuple[SimulatorCommand, ...]] = _simulators
