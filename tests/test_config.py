@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from agent.cli import main
 from agent.config import (
-    CIRCUIT_SPEC,
     BUFFER_SPEC,
     BUS_SPEC,
+    CIRCUIT_SPEC,
     CONFIG_SPEC,
     DEVICE_SPEC,
     GATEWAY_SPEC,
