@@ -90,6 +90,19 @@ class _Job:
     done: asyncio.Future[Any] = field(compare=False)
 
 
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that library code swallowed.
+
+    On Python 3.11, ``asyncio.wait_for`` (used inside pymodbus) loses a cancellation that
+    arrives as its inner future completes: the driver call returns normally and the worker would
+    go on polling while the agent waits for it to stop. The task still counts the request
+    (``Task.cancelling()``), so the worker checks it between jobs.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class BusWorker:
     """Owns one driver: connects it, polls its devices, runs submitted commands."""
 
@@ -182,6 +195,7 @@ class BusWorker:
                     continue
                 attempt = 0
                 await self._serve()
+                _raise_if_cancelled()
                 # The link was lost: close it and try again after a short pause.
                 await self._disconnect()
                 await asyncio.sleep(backoff_delay_s(1, RECONNECT_BASE_S, RECONNECT_MAX_S))
@@ -238,6 +252,7 @@ class BusWorker:
                     if job is None:
                         break
                     await self._execute(job)
+                    _raise_if_cancelled()
             finally:
                 poller.cancel()
                 pushed.cancel()
@@ -319,6 +334,7 @@ class BusWorker:
                 delay = when - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                _raise_if_cancelled()
                 device = self.devices[device_id]
                 if self._polling and device_id not in self._poll_queued:
                     self._poll_queued.add(device_id)

@@ -272,3 +272,30 @@ def test_a_command_preempts_a_long_poll_between_two_transactions() -> None:
             await stop(task)
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+class SwallowingDriver(RecordingDriver):
+    """A read that loses a cancellation, as asyncio.wait_for does on Python 3.11 when the
+    cancellation arrives together with the reply (pymodbus uses it)."""
+
+    async def read(self, device: DeviceSpec, points: Sequence[PointSpec]) -> list[Reading]:
+        self.calls.append(f"read {device.id}")
+        try:
+            await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            pass
+        return [Reading(device.id, p.name, 1, p.unit, 0) for p in points]
+
+
+def test_a_swallowed_cancellation_still_stops_the_worker() -> None:
+    async def body() -> None:
+        devices = [device("d0", interval_s=0.001)]
+        driver = SwallowingDriver(devices)
+        worker, task = await started(driver, Sink(), devices)
+        while not driver.calls:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert done, "the worker kept polling after it was cancelled"
+
+    asyncio.run(asyncio.wait_for(body(), 10))
