@@ -8,6 +8,7 @@ of the calls the worker makes; Modbus on the wire is covered by the driver and e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -280,10 +281,8 @@ class SwallowingDriver(RecordingDriver):
 
     async def read(self, device: DeviceSpec, points: Sequence[PointSpec]) -> list[Reading]:
         self.calls.append(f"read {device.id}")
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0.02)
-        except asyncio.CancelledError:
-            pass
         return [Reading(device.id, p.name, 1, p.unit, 0) for p in points]
 
 
@@ -291,7 +290,7 @@ def test_a_swallowed_cancellation_still_stops_the_worker() -> None:
     async def body() -> None:
         devices = [device("d0", interval_s=0.001)]
         driver = SwallowingDriver(devices)
-        worker, task = await started(driver, Sink(), devices)
+        _worker, task = await started(driver, Sink(), devices)
         while not driver.calls:
             await asyncio.sleep(0.001)
         task.cancel()
