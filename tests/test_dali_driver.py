@@ -562,4 +562,8 @@ def test_the_example_configuration_is_valid() -> None:
         {"dali": DaliDriver, "modbus": ModbusDriver},
     )
     assert config.buses["dali-1"].driver == "dali"
-    assert {d.profile.name for d in config.devices.values()} == {"dali-d4i-led"}
+    lamps = {d.id for d in config.devices.values() if d.bus == "dali-1"}
+    assert {config.devices[i].profile.name for i in lamps} == {"dali-d4i-led"}
+    # Every lamp is on the switched circuit, read from the cabinet's I/O module.
+    assert set(config.circuits["street"].feeds) == lamps
+    assert config.circuits["street"].device == "cabinet-io"
