@@ -123,7 +123,10 @@ async def run_demo(config: GatewayConfig, *, duration_s: float | None, out: Text
         if device.bus != bus.id:
             continue
         unit = int(device.options["unit"])
-        units[unit] = EnergyMeter() if device.profile.name == "sdm630" else LampController()
+        # Lamps start at full level, as at night: the walk-through then dims one.
+        units[unit] = (
+            EnergyMeter() if device.profile.name == "sdm630" else LampController(setpoint=100)
+        )
     simulator = ModbusSimulator(units)
     wanted = int(bus.options.get("port", 502))
     host = str(bus.options.get("host", "127.0.0.1"))
