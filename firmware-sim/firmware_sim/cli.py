@@ -30,8 +30,9 @@ class SimulatorCommand:
 def _simulators() -> tuple[SimulatorCommand, ...]:
     from firmware_sim.dali.cli import COMMAND as DALI
     from firmware_sim.modbus.cli import COMMAND as MODBUS
+    from firmware_sim.opcua.cli import COMMAND as OPCUA
 
-    return (MODBUS, DALI)
+    return (MODBUS, DALI, OPCUA)
 
 
 SIMULATORS: Callable[[], tuple[SimulatorCommand, ...]] = _simulators
