@@ -11,17 +11,14 @@ The key lives in a raw 32-byte file created on first run by :func:`load_or_creat
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import os
 import secrets
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent.sdk import LampyreError
+from agent.sdk import KeyFileError, LampyreError, create_file_atomically, read_private_file
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,16 +42,9 @@ TAG_BYTES = 16
 OVERHEAD_BYTES = 1 + NONCE_BYTES + TAG_BYTES
 """How many bytes :meth:`RecordCipher.seal` adds to a plaintext."""
 
-# Bits that give group or others any access: a key file with one of them set is refused.
-_OPEN_TO_OTHERS = stat.S_IRWXG | stat.S_IRWXO
-
 
 class RecordTampered(LampyreError):
     """A sealed record did not open: altered, truncated, moved to another row, or another key."""
-
-
-class KeyFileError(LampyreError):
-    """The key file cannot be used as it is (permissions, type or size). Start-up must stop."""
 
 
 class RecordCipher:
@@ -121,30 +111,8 @@ def load_or_create_key(path: Path) -> bytes:
 
 
 def _read_key(path: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise KeyFileError(
-                f"key file {path} is a symbolic link; point the configuration at the real file"
-            ) from None
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & _OPEN_TO_OTHERS:
-            raise KeyFileError(
-                f"key file {path} has mode {mode:04o}, which lets group or others use it; "
-                f"fix with: chmod 600 {path}"
-            )
-        # Read one byte more than a key so an over-long file is noticed.
-        data = os.read(fd, KEY_BYTES + 1)
-    finally:
-        os.close(fd)
+    # One byte more than a key is read so an over-long file is noticed.
+    data = read_private_file(path, limit=KEY_BYTES + 1)
     if len(data) != KEY_BYTES:
         raise KeyFileError(
             f"key file {path} holds {len(data)}{'+' if len(data) > KEY_BYTES else ''} bytes, "
@@ -155,46 +123,6 @@ def _read_key(path: Path) -> bytes:
 
 
 def _create_key(path: Path) -> None:
-    """Write a new key so that ``path`` either does not exist or holds a complete key.
-
-    The key is written and fsynced under a temporary name, then hard-linked to ``path``:
-    linking fails if ``path`` exists (like O_EXCL), and a crash or power cut can never leave a
-    short key file behind that would block the next start.
-    """
-    folder = path.parent
-    if not folder.exists():
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            # The umask may not remove more than 0600 allows, but be explicit anyway.
-            os.fchmod(fd, 0o600)
-            view = memoryview(secrets.token_bytes(KEY_BYTES))
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-    _fsync_dir(folder)
+    """Write a new key so that ``path`` either does not exist or holds a complete key."""
+    create_file_atomically(path, secrets.token_bytes(KEY_BYTES))
     log.info("created a new record key file %s (mode 0600)", path)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    # Left by a crash between writing a temporary key and removing it; harmless, but tidy up.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

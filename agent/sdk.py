@@ -22,13 +22,19 @@ configuration are the same word.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
+import os
+import secrets
+import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 __all__ = [
@@ -43,6 +49,7 @@ __all__ = [
     "DriverContext",
     "DriverError",
     "FatalDriverError",
+    "KeyFileError",
     "LampyreError",
     "PointRole",
     "PointSpec",
@@ -52,7 +59,9 @@ __all__ = [
     "TransientError",
     "Value",
     "Where",
+    "create_file_atomically",
     "now_ms",
+    "read_private_file",
 ]
 
 Value = float | int | bool | str | None
@@ -150,6 +159,96 @@ class BusUnavailable(TransientError):
 
 class FatalDriverError(DriverError):
     """Retrying will not help (for example the device rejects the address map)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Files holding secrets (record keys, client certificate keys, bind keys): one implementation of
+# the permission rules for the core and the drivers alike.
+# --------------------------------------------------------------------------------------------
+
+_OPEN_TO_OTHERS = stat.S_IRWXG | stat.S_IRWXO
+"""Bits that give group or others any access: a secret file with one of them set is refused."""
+
+
+class KeyFileError(LampyreError):
+    """A file holding a secret cannot be used as it is (link, type, permissions, size or
+    content). Start-up must stop; the message says what to fix, never what the file holds."""
+
+
+def read_private_file(path: Path, *, limit: int = 1 << 20) -> bytes:
+    """The content of a file holding a secret, at most ``limit`` bytes.
+
+    Blocking: call it through ``asyncio.to_thread`` from the event loop. Raises
+    :class:`FileNotFoundError` when there is no file, and :class:`KeyFileError` when ``path``
+    is a symbolic link, not a regular file, or gives group or others any access (the message
+    names the fix, ``chmod 600 PATH``).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KeyFileError(
+                f"key file {path} is a symbolic link; point the configuration at the real file"
+            ) from None
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyFileError(f"key file {path} is not a regular file")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & _OPEN_TO_OTHERS:
+            raise KeyFileError(
+                f"key file {path} has mode {mode:04o}, which lets group or others use it; "
+                f"fix with: chmod 600 {path}"
+            )
+        chunks = []
+        left = limit
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def create_file_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Create ``path`` holding ``data``, or raise :class:`FileExistsError`; never a partial file.
+    ``mode`` is 0600 by default, for secrets (a public certificate may be 0644).
+
+    The data is written and fsynced under a temporary name with its final mode, then
+    hard-linked to ``path`` (linking fails if the name exists, like O_EXCL), and the folder
+    (created 0700 when missing) is fsynced: a crash or power cut can never leave a short key
+    that would block the next start. Blocking, like :func:`read_private_file`.
+    """
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Left by a crash between writing a temporary file and removing it: harmless, tidy up.
+    for stale in folder.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask could only remove bits; be explicit anyway
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 # --------------------------------------------------------------------------------------------

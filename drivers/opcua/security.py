@@ -19,12 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import errno
 import logging
-import os
 import re
-import secrets
-import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -32,8 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.crypto import KeyFileError
-from agent.sdk import LampyreError
+from agent.sdk import KeyFileError, LampyreError, create_file_atomically, read_private_file
 
 __all__ = [
     "CERT_VALIDITY_DAYS",
@@ -61,8 +56,6 @@ does not refuse it as not yet valid."""
 TRUSTED_SUFFIXES = (".der", ".cer", ".crt", ".pem")
 """Files in the trust-list folder that are read as certificates; anything else is ignored."""
 
-# Bits that give group or others any access: a private key file with one of them set is refused.
-_OPEN_TO_OTHERS = stat.S_IRWXG | stat.S_IRWXO
 _PEM_MARKER = b"-----BEGIN"
 
 
@@ -159,7 +152,7 @@ def ensure_client_certificate(
             serialization.NoEncryption(),
         )
         try:
-            _write_new_file(key_path, pem, mode=0o600)
+            create_file_atomically(key_path, pem, mode=0o600)
         except FileExistsError:
             # Another process created it between our read and our create: use theirs.
             key = _read_private_key(key_path)
@@ -181,7 +174,7 @@ def ensure_client_certificate(
         else serialization.Encoding.DER
     )
     with contextlib.suppress(FileExistsError):
-        _write_new_file(cert_path, cert.public_bytes(encoding), mode=0o644)
+        create_file_atomically(cert_path, cert.public_bytes(encoding), mode=0o644)
         log.info(
             "created OPC UA client certificate %s for %s, SHA-256 %s",
             cert_path,
@@ -246,29 +239,9 @@ def _self_signed(
 def _read_private_key(path: Path) -> rsa.RSAPrivateKey | None:
     """The key at ``path``, or None if there is no file; refuses symlinks and open modes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        data = read_private_file(path)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise KeyFileError(
-                f"key file {path} is a symbolic link; point the configuration at the real file"
-            ) from None
-        raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & _OPEN_TO_OTHERS:
-            raise KeyFileError(
-                f"key file {path} has mode {mode:04o}, which lets group or others read it; "
-                f"fix with: chmod 600 {path}"
-            )
-        with os.fdopen(os.dup(fd), "rb") as file:
-            data = file.read()
-    finally:
-        os.close(fd)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -280,37 +253,6 @@ def _read_private_key(path: Path) -> rsa.RSAPrivateKey | None:
             "which the OPC UA security policies need"
         )
     return key
-
-
-def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
-    """Create ``path`` holding ``data`` or fail with FileExistsError; never a partial file.
-
-    Same approach as the record key in :mod:`agent.crypto`: written and fsynced under a
-    temporary name with its final mode, then hard-linked into place (linking fails if the
-    name exists, like O_EXCL), so a power cut cannot leave a truncated key that blocks start-up.
-    """
-    folder = path.parent
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask could only remove bits; be explicit anyway
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # --------------------------------------------------------------------------- trust list
@@ -401,7 +343,8 @@ class TrustList:
         and return its path; a copy already there is left as it is."""
         path = self.folder / _trusted_file_name(certificate)
         with contextlib.suppress(FileExistsError):
-            _write_new_file(path, certificate.public_bytes(serialization.Encoding.DER), mode=0o644)
+            der = certificate.public_bytes(serialization.Encoding.DER)
+            create_file_atomically(path, der, mode=0o644)
         return path
 
     @staticmethod
