@@ -118,6 +118,9 @@ def _setup_logging(level: str) -> None:
     # pymodbus logs every skipped frame as an error with a hex dump; the driver already reports
     # what matters as readings, events and health counters.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # asyncua logs every lost connection as errors with tracebacks, and warns about details of
+    # certificates; the OPC UA driver reports losses, gaps and refusals itself.
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

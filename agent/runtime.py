@@ -41,7 +41,10 @@ class _DriverContext:
         return self._logger
 
     def emit(self, readings: Sequence[Reading]) -> None:
-        self._readings.submit(readings)
+        if self.worker is not None:
+            self.worker.pushed(readings)
+        else:
+            self._readings.submit(readings)
 
     def event(self, kind: str, device: str | None, detail: Mapping[str, Any]) -> None:
         detail = dict(detail)

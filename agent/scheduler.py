@@ -119,6 +119,9 @@ class BusWorker:
         self.bus_id = driver.bus.id
         self.devices = {d.id: d for d in devices}
         self.state = {d.id: DeviceState() for d in devices}
+        # Pushed drivers (subscriptions) poll only what they cannot push; a device with nothing
+        # to poll gets no poll at all, its values arrive through pushed().
+        self._polled = {d.id: list(driver.polled_points(d)) for d in devices}
         self._readings = readings
         self._events = events
         # Commands first, then polls; within a kind, first come first served.
@@ -176,6 +179,25 @@ class BusWorker:
             if self._jobs[priority]:
                 return self._jobs[priority].popleft()
         return None
+
+    def pushed(self, readings: Sequence[Reading]) -> None:
+        """Readings a driver received without polling (:meth:`DriverContext.emit`): they count
+        as signs of life of their devices, like an answered poll."""
+        ts = now_ms()
+        for reading in readings:
+            state = self.state.get(reading.device)
+            if state is None:
+                continue
+            state.last_readings[reading.point] = reading
+            state.last_ok_ms = ts
+            if state.online is not True:
+                if state.online is False:
+                    self._events("device_offline", reading.device, "cleared", {})
+                    log.info("device %s is back online", reading.device)
+                state.online = True
+                state.failures = 0
+                state.last_error = None
+        self._readings.submit(readings)
 
     def pause_polling(self) -> None:
         """Stop queueing polls (commands still run): for benches and maintenance."""
@@ -324,8 +346,9 @@ class BusWorker:
         due: list[tuple[float, str]] = []
         start = time.monotonic()
         # Stagger first polls so a cabinet's devices do not all fire in the same instant.
-        for index, device in enumerate(self.devices.values()):
-            offset = min(device.poll_interval_s, 1.0) * index / max(len(self.devices), 1)
+        polled = [device for device in self.devices.values() if self._polled[device.id]]
+        for index, device in enumerate(polled):
+            offset = min(device.poll_interval_s, 1.0) * index / max(len(polled), 1)
             heapq.heappush(due, (start + offset, device.id))
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -360,7 +383,7 @@ class BusWorker:
         return interval
 
     async def _poll(self, device: DeviceSpec) -> None:
-        points = list(device.profile.points.values())
+        points = self._polled[device.id]
         state = self.state[device.id]
         try:
             readings = await self._enqueue_poll(device, points)
@@ -415,7 +438,7 @@ class BusWorker:
         self._readings.submit(
             [
                 Reading(device.id, p.name, None, p.unit, ts, Quality.BAD)
-                for p in device.profile.points.values()
+                for p in self._polled[device.id]
             ]
         )
         if not self._powered(device.id):

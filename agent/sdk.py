@@ -89,13 +89,21 @@ class PointRole(StrEnum):
 
     Roles let the protocol-neutral command path and alarm logic work on any device model
     without knowing its protocol: a ``dim`` command writes the ``DIM_LEVEL`` point and reads
-    back ``ACTUAL_LEVEL`` (or ``DIM_LEVEL`` when the profile has no separate feedback point);
-    a truthy ``LAMP_FAILURE`` point raises a lamp-failure alarm.
+    back ``ACTUAL_LEVEL`` (or, when the profile has no separate feedback point, the
+    ``DIM_LEVEL`` point's ``read_back`` point, else the ``DIM_LEVEL`` point itself); a
+    ``switch`` command writes true or false to the ``SWITCH`` point (a contactor command) and
+    reads back ``SWITCH_STATE`` (its feedback contact) the same way, and on a device without a
+    ``SWITCH`` point it dims to 100 or 0 %; a truthy ``LAMP_FAILURE`` point raises a
+    lamp-failure alarm.
     """
 
     DIM_LEVEL = "dim_level"
     ACTUAL_LEVEL = "actual_level"
     LAMP_FAILURE = "lamp_failure"
+    SWITCH = "switch"
+    """A writable boolean point that switches the device or its circuit on (true) or off."""
+    SWITCH_STATE = "switch_state"
+    """The feedback of the ``SWITCH`` point: true while the device or circuit is on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,9 +458,9 @@ def _describe(value: Any) -> str:
 class PointSpec:
     """One point of a device profile.
 
-    ``name``, ``unit``, ``writable`` and ``role`` are understood by the core; every other key of
-    the point's profile table is in ``options``, for the driver to interpret (register address and
-    type for Modbus, node id for OPC UA, …).
+    ``name``, ``unit``, ``writable``, ``role`` and ``read_back`` are understood by the core; every
+    other key of the point's profile table is in ``options``, for the driver to interpret
+    (register address and type for Modbus, node id for OPC UA, …).
     """
 
     name: str
@@ -460,6 +468,10 @@ class PointSpec:
     writable: bool
     role: PointRole | None
     options: ConfigTable
+    read_back: str | None = None
+    """Writable points only: the point of the same profile that the command path reads after
+    writing this one, to learn what the equipment really did (a contactor command reads back
+    its feedback contact). None: the point itself."""
 
 
 @dataclass(frozen=True)
@@ -603,8 +615,19 @@ class Driver(ABC):
     async def run(self) -> None:
         """Long-running work of pushed sources (subscriptions, scanners), started by the runtime
         after :meth:`connect` and cancelled before :meth:`close`. Polled drivers keep the
-        default, which returns at once."""
+        default, which returns at once.
+
+        Raising :class:`BusUnavailable` here says the pushed source died (a subscription that
+        stopped delivering, a scanner that went silent): the runtime then closes and reconnects
+        the bus with backoff, exactly as for a failed read."""
         return
+
+    def polled_points(self, device: DeviceSpec) -> Sequence[PointSpec]:
+        """The points of ``device`` the runtime polls through :meth:`read` every
+        ``poll_interval_s``. All of them by default; a driver whose values are pushed
+        (subscriptions, advertisements) returns only the points it cannot push, and a device
+        with none is not polled at all. Commands still :meth:`read` any point for read-back."""
+        return list(device.profile.points.values())
 
     # I/O ---------------------------------------------------------------------------------
     @abstractmethod

@@ -1,6 +1,8 @@
-"""OPC UA driver for cabinet controllers (asyncua).
+"""OPC UA client driver for cabinet controllers (entry point ``opcua``, asyncua): the bus,
+device and point keys (``settings``), opening a secure session (``session``), the client
+certificate and the server trust list (``security``), the driver with its subscription
+watchdog (``driver``) and the ``lampyre opcua`` tools (``cli``)."""
 
-Only the security groundwork is here so far: the client certificate and the trust list of
-server certificates (:mod:`drivers.opcua.security`) and the ``lampyre opcua cert`` /
-``lampyre opcua trust`` key tools (:mod:`drivers.opcua.cli`). The driver itself comes next.
-"""
+from .driver import OpcUaDriver
+
+__all__ = ["OpcUaDriver"]
