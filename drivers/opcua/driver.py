@@ -389,7 +389,7 @@ class OpcUaDriver(Driver):
         if client is None:
             return
         if subscription is not None and self._subscribed_points():
-            self._note_gap_start(subscription)
+            self._note_gap_start()
         await close_client(client)
 
     async def _connection_lost(self, exc: Exception) -> None:
@@ -421,6 +421,11 @@ class OpcUaDriver(Driver):
             if event is None:
                 last = subscription.last_publish_at or self._subscribed_at
                 silent = time.monotonic() - last
+                if subscription.last_publish_at is not None:
+                    # A keep-alive is a sign of life too. Read it here, while the queue is
+                    # idle: asyncua also stamps the time when it reports a lost session.
+                    heard = now_ms() - int(silent * 1000)
+                    self._last_heard_ms = max(self._last_heard_ms or 0, heard)
                 if silent > stale_after:
                     raise BusUnavailable(
                         f"no data and no keep-alive from the server for {silent:.1f} s "
@@ -448,14 +453,10 @@ class OpcUaDriver(Driver):
         if readings:
             self.context.emit(readings)
 
-    def _note_gap_start(self, subscription: Subscription) -> None:
+    def _note_gap_start(self) -> None:
         if self._gap_from_ms is not None:
             return  # still in the gap that began earlier
-        heard = self._last_heard_ms
-        if subscription.last_publish_at is not None:
-            age_ms = int((time.monotonic() - subscription.last_publish_at) * 1000)
-            heard = max(heard or 0, now_ms() - age_ms)
-        self._gap_from_ms = heard or now_ms()
+        self._gap_from_ms = self._last_heard_ms or now_ms()
         self._gap_reason = self._lost_reason or "session closed"
 
     def _report_gap(self, until_ms: int) -> None:
