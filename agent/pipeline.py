@@ -117,8 +117,16 @@ class Pipeline:
                 len(self._readings),
             )
 
-    def event(self, kind: str, device: str | None, state: str, detail: Mapping[str, Any]) -> None:
-        """Queue an event (alarm lane), written at the next turn of the loop."""
+    def event(
+        self,
+        kind: str,
+        device: str | None,
+        state: str,
+        detail: Mapping[str, Any],
+        severity: str | None = None,
+    ) -> None:
+        """Queue an event (alarm lane), written at the next turn of the loop. ``severity``
+        defaults to the kind's in :data:`EVENT_SEVERITY`, else info."""
         body: dict[str, Any] = {
             "v": PAYLOAD_VERSION,
             "gateway": self.gateway_id,
@@ -126,7 +134,7 @@ class Pipeline:
             "ts": now_ms(),
             "kind": kind,
             "state": state,
-            "severity": EVENT_SEVERITY.get(kind, Severity.INFO),
+            "severity": severity or EVENT_SEVERITY.get(kind, Severity.INFO),
             "device": device,
             "detail": dict(detail),
         }

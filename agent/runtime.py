@@ -22,6 +22,7 @@ from agent.uplink import Uplink, UplinkStats
 log = logging.getLogger(__name__)
 
 COMMAND_MEMORY_PURGE_S = 600.0
+_SEVERITIES = ("alarm", "warning", "info")
 
 T = TypeVar("T")
 
@@ -49,7 +50,10 @@ class _DriverContext:
     def event(self, kind: str, device: str | None, detail: Mapping[str, Any]) -> None:
         detail = dict(detail)
         state = str(detail.pop("state", "raised"))
-        self._pipeline.event(kind, device, state, detail)
+        severity = detail.pop("severity", None)
+        if severity not in _SEVERITIES:
+            severity = None
+        self._pipeline.event(kind, device, state, detail, severity)
 
     async def checkpoint(self) -> bool:
         return await self.worker.checkpoint() if self.worker is not None else False

@@ -501,3 +501,12 @@ def test_to_reading_never_raises_and_bad_means_no_value(value: Any, status: int)
     else:
         assert reading.value == value
 
+
+
+def test_the_shipped_example_configuration_loads() -> None:
+    from tests.e2e import REPO
+
+    config = load_config(REPO / "config" / "examples" / "cabinet-opcua.toml", DRIVERS)
+    assert config.buses["plc"].driver == "opcua"
+    circuits = [d for d in config.devices.values() if d.profile.name == "opcua-cabinet-circuit"]
+    assert len(circuits) == 2

@@ -127,6 +127,7 @@ def test_controller_restart_publishes_a_gap_and_values_flow_again(
             messages = await s.wait(lambda m: bool(_gap_events(m)))
             (gap,) = _gap_events(messages)
             validator("event").validate(gap)
+            assert gap["severity"] == "warning" and gap["state"] == "info"
             detail = gap["detail"]
             assert detail["from_ms"] <= stopped + 500
             assert detail["to_ms"] >= stopped + 1000

@@ -479,6 +479,7 @@ class OpcUaDriver(Driver):
                 device_id,
                 {
                     "state": "info",
+                    "severity": "warning",
                     "bus": self.bus.id,
                     "from_ms": start,
                     "to_ms": until_ms,
@@ -725,6 +726,7 @@ class OpcUaDriver(Driver):
                     point.device.id,
                     {
                         "state": "raised",
+                        "severity": "warning",
                         "point": point.spec.name,
                         "where": point.where(),
                         "reason": point.problem,
