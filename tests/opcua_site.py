@@ -27,7 +27,7 @@ FAST_BUS = {
     "session_timeout_s": 10.0,
 }
 """Timings that make recovery tests take seconds: a keep-alive every 0.5 s, a dead subscription
-declared after 2 × 0.5 + 1 s."""
+declared after 2 x 0.5 + 1 s."""
 
 
 def toml_value(value: Any) -> str:

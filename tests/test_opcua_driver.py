@@ -6,6 +6,7 @@ mapping of OPC UA values and status codes to readings."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import math
 from pathlib import Path
@@ -41,9 +42,7 @@ def _driver(directory: Path, endpoint: str, **keys: Any) -> tuple[OpcUaDriver, R
     return OpcUaDriver(config.buses[BUS], list(config.devices.values()), context), context
 
 
-async def _run_until(
-    driver: OpcUaDriver, condition: Any, what: str
-) -> asyncio.Task[None]:
+async def _run_until(driver: OpcUaDriver, condition: Any, what: str) -> asyncio.Task[None]:
     """Connect, start run() and wait for ``condition``; returns the run task."""
     await driver.connect()
     task = asyncio.create_task(driver.run())
@@ -222,7 +221,9 @@ def test_unknown_nodes_are_reported_with_profile_file_and_line(tmp_path: Path) -
             await _stop(driver, task)
         profile = str(profiles / "broken-cabinet.toml")
         unresolved = {
-            detail["point"]: detail for kind, _, detail in context.events if kind == "point_unresolved"
+            detail["point"]: detail
+            for kind, _, detail in context.events
+            if kind == "point_unresolved"
         }
         assert set(unresolved) == {"ghost", "lost", "foreign"}
         assert unresolved["ghost"]["where"] == f"{profile}:8"
@@ -299,8 +300,9 @@ def test_writes_and_method_calls_reach_the_controller(tmp_path: Path) -> None:
                 assert sim.method_calls[-1] == ("SwitchCircuit", (2, False))
                 assert sim.state.circuits[2].contactor is False
                 await WAIT.until(
-                    lambda: getattr(context.latest("cabinet", "contactor_2"), "value", None)
-                    is False,
+                    lambda: (
+                        getattr(context.latest("cabinet", "contactor_2"), "value", None) is False
+                    ),
                     "contactor feedback",
                 )
                 writes_before = sum(sim.writes.values())
@@ -339,7 +341,10 @@ def test_method_with_the_wrong_number_of_arguments_is_unresolved(tmp_path: Path)
     async def body() -> None:
         async with simulator(tmp_path) as sim:
             driver, context = _driver(
-                tmp_path, sim.endpoint, profile_dirs=[profiles], devices={"box": {"profile": "switcher"}}
+                tmp_path,
+                sim.endpoint,
+                profile_dirs=[profiles],
+                devices={"box": {"profile": "switcher"}},
             )
             task = await _run_until(driver, lambda: bool(context.readings), "values")
             try:
@@ -372,9 +377,7 @@ def test_bus_configuration_errors_name_file_line_and_expectation(tmp_path: Path)
         tmp_path, identity="username", username="ops"
     )
     assert "Basic128Rsa15" in _bus_error(tmp_path, security_policy="Basic128Rsa15")
-    assert "no security_mode" in _bus_error(
-        tmp_path, security_policy="None", security_mode="Sign"
-    )
+    assert "no security_mode" in _bus_error(tmp_path, security_policy="None", security_mode="Sign")
     assert "at least publishing_interval_s" in _bus_error(
         tmp_path, publishing_interval_s=2.0, keepalive_s=1.0
     )
@@ -431,10 +434,8 @@ def test_missing_device_params_are_reported_at_the_device(tmp_path: Path) -> Non
 @given(st.text(max_size=60))
 def test_node_id_and_browse_path_parsers_fail_only_with_value_error(text: str) -> None:
     for parse in (parse_node_id, parse_browse_path):
-        try:
+        with contextlib.suppress(ValueError):
             parse(text)
-        except ValueError:
-            pass
 
 
 @given(st.sampled_from(["i", "s"]), st.integers(0, 5), st.integers(1, 10**6))
@@ -464,7 +465,11 @@ def _data(value: Any, status: int = 0, *, source: bool = True, server: bool = Tr
 
 def test_status_codes_give_the_quality_and_timestamps_are_kept() -> None:
     good = to_reading("d", POINT, _data(231.5), 1)
-    assert (good.value, good.quality, good.ts_ms) == (231.5, Quality.GOOD, int(SOURCE.timestamp() * 1000))
+    assert (good.value, good.quality, good.ts_ms) == (
+        231.5,
+        Quality.GOOD,
+        int(SOURCE.timestamp() * 1000),
+    )
     uncertain = to_reading("d", POINT, _data(231.5, 0x40000000), 1)
     assert uncertain.quality is Quality.UNCERTAIN and uncertain.value == 231.5
     bad = to_reading("d", POINT, _data(231.5, 0x80000000), 1)
@@ -500,7 +505,6 @@ def test_to_reading_never_raises_and_bad_means_no_value(value: Any, status: int)
         assert reading.value is None
     else:
         assert reading.value == value
-
 
 
 def test_the_shipped_example_configuration_loads() -> None:

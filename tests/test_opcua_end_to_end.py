@@ -169,7 +169,9 @@ def test_dim_command_is_acked_with_the_level_read_back(
 ) -> None:
     async def body() -> None:
         async with site(tmp_path, broker) as s:
-            await s.wait(value_is("circuit-1", "actual_level", s.sim.state.circuits[1].actual_level))
+            await s.wait(
+                value_is("circuit-1", "actual_level", s.sim.state.circuits[1].actual_level)
+            )
             await s.send("dim-1", action="dim", target={"device": "circuit-1"}, level=40)
             messages = await s.wait(lambda m: bool(acks_for(m, "dim-1")))
             (ack,) = acks_for(messages, "dim-1")
