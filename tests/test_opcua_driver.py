@@ -514,3 +514,44 @@ def test_the_shipped_example_configuration_loads() -> None:
     assert config.buses["plc"].driver == "opcua"
     circuits = [d for d in config.devices.values() if d.profile.name == "opcua-cabinet-circuit"]
     assert len(circuits) == 2
+
+
+def test_deadband_keeps_small_changes_off_the_uplink(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "meter.toml").write_text(
+        "\n".join(
+            [
+                "[profile]",
+                'driver = "opcua"',
+                "[points.calm]",
+                'unit = "V"',
+                'node = "ns=2;s=Cabinet.Voltage.L1"',
+                "deadband = 50.0",
+                "[points.every]",
+                'unit = "V"',
+                'node = "ns=2;s=Cabinet.Voltage.L2"',
+            ]
+        )
+    )
+
+    async def body() -> None:
+        async with simulator(tmp_path) as sim:
+            driver, context = _driver(
+                tmp_path, sim.endpoint, profile_dirs=[profiles], devices={"m": {"profile": "meter"}}
+            )
+
+            def count(point: str) -> int:
+                return sum(1 for r in context.readings if r.point == point)
+
+            task = await _run_until(driver, lambda: count("calm") and count("every"), "values")
+            try:
+                for _ in range(4):  # each tick moves every voltage by up to ±3 V
+                    await sim.tick()
+                    await asyncio.sleep(0.3)
+                await WAIT.until(lambda: count("every") >= 4, "small changes of L2")
+                assert count("calm") == 1  # only its initial value: no change beat 50 V
+            finally:
+                await _stop(driver, task)
+
+    asyncio.run(body())
