@@ -456,13 +456,27 @@ POINT_SPEC: Final = TableSpec(
             "role",
             Kind.STR,
             "What the core knows the point means; at most one point per role, and a "
-            "dim_level point must be writable.",
+            "dim_level or switch point must be writable.",
             default=None,
             choices=tuple(role.value for role in PointRole),
+        ),
+        Field(
+            "read_back",
+            Kind.STR,
+            "Writable points only: the point of this profile that commands read after writing "
+            "this one, to learn what the equipment really did (a contactor command reads its "
+            "feedback contact).",
+            default=None,
+            default_text="the point itself",
+            pattern=POINT_NAME_PATTERN,
+            pattern_text=POINT_NAME_TEXT,
         ),
     ),
     driver_keys=True,
 )
+
+WRITABLE_ROLES: Final = (PointRole.DIM_LEVEL, PointRole.SWITCH)
+"""Roles the command path writes: a point holding one must be writable."""
 
 PROFILE_SPEC: Final = TableSpec(
     "",
@@ -1115,12 +1129,16 @@ class _Loader:
                 )
             elif role is not None:
                 roles[role] = name
-            if role is PointRole.DIM_LEVEL and values.get("writable") is False:
+            if role is not None and role in WRITABLE_ROLES and values.get("writable") is False:
                 self.errors.append(
                     point_table.error(
-                        "role", "a dim_level point must be writable: expected writable = true"
+                        "role",
+                        f"a {role.value} point must be writable: expected writable = true",
                     )
                 )
+            read_back = values.get("read_back")
+            if read_back is not None:
+                self.check_read_back(table, point_table, read_back, values.get("writable"))
             if len(self.errors) != before:
                 continue
             point = PointSpec(
@@ -1129,11 +1147,33 @@ class _Loader:
                 writable=values["writable"],
                 role=role,
                 options=point_table.without(*POINT_SPEC.names()),
+                read_back=read_back,
             )
             points[name] = point
             if cls is not None:
                 self.validate(partial(cls.validate_point, point), point_table, driver_name)
         return points
+
+    def check_read_back(
+        self, points: ConfigTable, point: ConfigTable, read_back: str, writable: bool | None
+    ) -> None:
+        """``read_back`` names another point of the same profile, on a writable point only."""
+        if writable is False:
+            self.errors.append(
+                point.error(
+                    "read_back",
+                    "only a writable point is read back after a write: expected writable = true "
+                    "or no read_back",
+                )
+            )
+        elif read_back not in points:
+            known = ", ".join(points)
+            self.errors.append(
+                point.error(
+                    "read_back",
+                    f"no point {read_back!r} in this profile; expected one of: {known}",
+                )
+            )
 
 
 def _declared(root: ConfigTable, table: str, key: str) -> bool:

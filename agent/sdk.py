@@ -548,7 +548,8 @@ class DriverContext(Protocol):
         """Report something the hub should hear about (bus power lost, scan restarted, …).
 
         ``detail`` may carry ``"state"``: ``"raised"`` (the default) or ``"cleared"`` for an
-        alarm that holds for a while, ``"info"`` for a one-off event; the rest of ``detail`` is
+        alarm that holds for a while, ``"info"`` for a one-off event, and ``"severity"``:
+        ``"alarm"``, ``"warning"`` or ``"info"`` (the default); the rest of ``detail`` is
         published as the event's ``detail`` object."""
 
     async def checkpoint(self) -> bool:

@@ -788,7 +788,13 @@ def test_schema_describes_the_declared_fields() -> None:
     assert prefix.match("lampyre/v1")
     assert not any(prefix.match(p) for p in ("a/+/b", "a/#", "a//b", "/a", "a/", "$SYS/x"))
     point = profile_schema()["properties"]["points"]["additionalProperties"]
-    assert point["properties"]["role"]["enum"] == ["dim_level", "actual_level", "lamp_failure"]
+    assert point["properties"]["role"]["enum"] == [
+        "dim_level",
+        "actual_level",
+        "lamp_failure",
+        "switch",
+        "switch_state",
+    ]
 
 
 def _declared_fields(spec: TableSpec) -> list[str]:

@@ -400,6 +400,11 @@ class OpcUaDriver(Driver):
             self._lost_reason = reason
             self._lost.set()
 
+    def _failed(self, reason: str) -> BusUnavailable:
+        """The error that ends run(); the first reason recorded is the one the gap reports."""
+        self._signal_lost(reason)
+        return BusUnavailable(self._lost_reason)
+
     def _subscribed_points(self) -> list[_Point]:
         return [p for p in self._points.values() if p.settings.subscribe and p.node is not None]
 
@@ -417,7 +422,7 @@ class OpcUaDriver(Driver):
             try:
                 event = await subscription.next_event(timeout=WATCH_INTERVAL_S)
             except StopAsyncIteration:
-                raise BusUnavailable("the subscription was closed") from None
+                raise self._failed("the subscription was closed") from None
             if event is None:
                 last = subscription.last_publish_at or self._subscribed_at
                 silent = time.monotonic() - last
@@ -427,7 +432,7 @@ class OpcUaDriver(Driver):
                     heard = now_ms() - int(silent * 1000)
                     self._last_heard_ms = max(self._last_heard_ms or 0, heard)
                 if silent > stale_after:
-                    raise BusUnavailable(
+                    raise self._failed(
                         f"no data and no keep-alive from the server for {silent:.1f} s "
                         f"(expected one every {self.settings.keepalive_s:g} s): the "
                         "subscription is dead"
@@ -438,7 +443,7 @@ class OpcUaDriver(Driver):
             elif isinstance(event, StatusChangeEvent):
                 status = event.notification.Status
                 if status is not None and not status.is_good():
-                    raise BusUnavailable(f"the server ended the subscription: {status.name}")
+                    raise self._failed(f"the server ended the subscription: {status.name}")
 
     def _on_data(self, event: DataChangeEvent) -> None:
         received = now_ms()
