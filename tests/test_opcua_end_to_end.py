@@ -191,3 +191,49 @@ def test_dim_command_is_acked_with_the_level_read_back(
             assert ack["results"][0]["status"] == "mismatch" and ack["results"][0]["level"] == 0.0
 
     asyncio.run(asyncio.wait_for(body(), 90))
+
+
+def test_method_and_contactor_commands_are_acked_with_the_feedback(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    async def body() -> None:
+        async with site(tmp_path, broker) as s:
+            await s.wait(value_is("cabinet", "contactor_2", True))
+            # A method point: SwitchCircuit(2, false), acked with contactor_2 read back.
+            await s.send(
+                "open-2",
+                action="write",
+                target={"device": "cabinet"},
+                point="switch_circuit_2",
+                value=False,
+            )
+            messages = await s.wait(lambda m: bool(acks_for(m, "open-2")))
+            (ack,) = acks_for(messages, "open-2")
+            validator("ack").validate(ack)
+            assert ack["status"] == "ok" and ack["point"] == "switch_circuit_2"
+            assert ack["results"] == [{"device": "cabinet", "status": "ok", "value": False}]
+            assert s.sim.method_calls == [("SwitchCircuit", (2, False))]
+            # A switch command on a circuit writes its contactor command, reads the feedback.
+            await s.send("close-2", action="switch", target={"device": "circuit-2"}, state="on")
+            messages = await s.wait(lambda m: bool(acks_for(m, "close-2")))
+            (ack,) = acks_for(messages, "close-2")
+            validator("ack").validate(ack)
+            assert ack["status"] == "ok"
+            assert ack["results"][0]["state"] == "on"
+            assert s.sim.writes["Circuit2.Command"] == 1
+            assert s.sim.state.circuits[2].contactor is True
+            # A value the node's type cannot hold is refused before anything is sent.
+            await s.send(
+                "too-big",
+                action="write",
+                target={"device": "circuit-1"},
+                point="level",
+                value=300,
+            )
+            messages = await s.wait(lambda m: bool(acks_for(m, "too-big")))
+            (ack,) = acks_for(messages, "too-big")
+            assert ack["status"] == "error"
+            assert "out of range for a Byte" in ack["results"][0]["error"]
+            assert s.sim.writes["Circuit1.DimLevel"] == 0
+
+    asyncio.run(asyncio.wait_for(body(), 90))
