@@ -1,4 +1,4 @@
-"""``lampyre opcua cert`` and ``lampyre opcua trust``: the OPC UA key tools.
+"""``lampyre opcua cert``, ``trust`` and ``browse``: the OPC UA tools for technicians.
 
 Registered through the ``lampyre.cli`` entry-point group (``opcua = "drivers.opcua.cli:register"``).
 
@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 from agent.sdk import LampyreError
 
+from . import browse
 from .security import (
     TrustList,
     certificate_application_uri,
@@ -33,21 +34,13 @@ from .security import (
     fingerprint,
     load_certificate,
 )
+from .settings import BUS_DEFAULTS, CLIENT_CERT_NAME, CLIENT_KEY_NAME
 
 __all__ = ["BUS_DEFAULTS", "CLIENT_CERT_NAME", "CLIENT_KEY_NAME", "main", "register"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-CLIENT_CERT_NAME = "client.der"
-CLIENT_KEY_NAME = "client-key.pem"
-BUS_DEFAULTS = {
-    "certificate": f"pki/{{bus}}/{CLIENT_CERT_NAME}",
-    "private_key": f"pki/{{bus}}/{CLIENT_KEY_NAME}",
-}
-"""Where an OPC UA bus keeps its client files when its table does not say (relative to the
-configuration file's folder; ``{bus}`` is the bus id)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +59,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     """Add ``opcua`` and its key-tool subcommands to the ``lampyre`` command line."""
     parser = commands.add_parser(
         "opcua",
-        help="OPC UA tools: client certificate, server trust list",
-        description="OPC UA certificate tools.",
+        help="OPC UA tools: client certificate, server trust list, browse a server",
+        description="OPC UA tools: the client certificate, the server trust list, and a "
+        "browser of a server's address space that can write a device profile.",
     )
     build(parser)
 
@@ -108,6 +102,7 @@ def build(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[argpars
     trust.add_argument("certfile", metavar="CERTFILE", help="server certificate, DER or PEM")
     trust.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     trust.set_defaults(handler=_trust_handler)
+    browse.add_parser(sub)
     return sub
 
 

@@ -13,12 +13,13 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import urlsplit
 
-from asyncua import ua
-
 from agent.sdk import ConfigTable, PointSpec
+
+if TYPE_CHECKING:
+    from asyncua import ua
 
 __all__ = [
     "BUS_KEYS",
@@ -77,9 +78,11 @@ POINT_KEYS: Final = (
     "arguments",
 )
 
+CLIENT_CERT_NAME: Final = "client.der"
+CLIENT_KEY_NAME: Final = "client-key.pem"
 BUS_DEFAULTS: Final = {
-    "certificate": "pki/{bus}/client.der",
-    "private_key": "pki/{bus}/client-key.pem",
+    "certificate": f"pki/{{bus}}/{CLIENT_CERT_NAME}",
+    "private_key": f"pki/{{bus}}/{CLIENT_KEY_NAME}",
     "trust_dir": "pki/{bus}/trusted",
 }
 """Where a bus keeps its files when its table does not say, relative to the configuration
@@ -355,6 +358,10 @@ def parse_device(options: ConfigTable) -> DeviceSettings:
 def parse_node_id(text: str) -> ua.NodeId:
     """A node id in the OPC UA string form (``ns=2;s=Cabinet.DoorOpen``, ``i=2258``,
     ``nsu=urn:x;s=Name``); raises ValueError with the reason."""
+    # Imported here: asyncua is slow to import, and the command line loads this module for
+    # tools that never parse a node id.
+    from asyncua import ua
+
     try:
         node = ua.NodeId.from_string(text)
     except Exception as exc:  # asyncua raises several types for bad strings
