@@ -55,6 +55,10 @@ class _DriverContext:
             severity = None
         self._pipeline.event(kind, device, state, detail, severity)
 
+    def device_silent(self, device: str, reason: str) -> None:
+        if self.worker is not None:
+            self.worker.silent(device, reason)
+
     async def checkpoint(self) -> bool:
         return await self.worker.checkpoint() if self.worker is not None else False
 

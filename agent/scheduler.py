@@ -180,6 +180,16 @@ class BusWorker:
                 return self._jobs[priority].popleft()
         return None
 
+    def silent(self, device_id: str, reason: str) -> None:
+        """A pushed device went quiet (its driver says so): offline until it is heard again."""
+        state = self.state.get(device_id)
+        if state is None or state.online is False:
+            return
+        state.online = False
+        state.last_error = reason
+        log.warning("device %s is offline: %s", device_id, reason)
+        self._events("device_offline", device_id, "raised", {"reason": reason})
+
     def pushed(self, readings: Sequence[Reading]) -> None:
         """Readings a driver received without polling (:meth:`DriverContext.emit`): they count
         as signs of life of their devices, like an answered poll."""

@@ -552,6 +552,12 @@ class DriverContext(Protocol):
         ``"alarm"``, ``"warning"`` or ``"info"`` (the default); the rest of ``detail`` is
         published as the event's ``detail`` object."""
 
+    def device_silent(self, device: str, reason: str) -> None:
+        """Say that a pushed device has gone quiet (a sensor that stopped advertising): the
+        runtime marks it offline and raises ``device_offline`` once; its next emitted reading
+        brings it back online and clears the alarm. Polled devices need not call it: a
+        failed poll does the same."""
+
     async def checkpoint(self) -> bool:
         """Let waiting commands use the bus now, between two transactions of a long read.
 

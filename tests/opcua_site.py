@@ -144,6 +144,9 @@ class RecordingContext:
     def event(self, kind: str, device: str | None, detail: Any) -> None:
         self.events.append((kind, device, dict(detail)))
 
+    def device_silent(self, device: str, reason: str) -> None:
+        self.events.append(("device_offline", device, {"reason": reason}))
+
     async def checkpoint(self) -> bool:
         return False
 

@@ -72,6 +72,9 @@ class Context:
     def event(self, kind: str, device: str | None, detail: Mapping[str, Any]) -> None:
         self.events.append((kind, device, dict(detail)))
 
+    def device_silent(self, device: str, reason: str) -> None:
+        self.events.append(("device_offline", device, {"reason": reason}))
+
     async def checkpoint(self) -> bool:
         return await self.worker.checkpoint() if self.worker is not None else False
 

@@ -298,3 +298,36 @@ def test_a_swallowed_cancellation_still_stops_the_worker() -> None:
         assert done, "the worker kept polling after it was cancelled"
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+class PushingDriver(RecordingDriver):
+    """Values arrive by themselves (subscriptions, advertisements): nothing to poll."""
+
+    def polled_points(self, device: DeviceSpec) -> Sequence[PointSpec]:
+        return []
+
+
+def test_pushed_devices_are_not_polled_and_their_silence_is_an_alarm() -> None:
+    async def body() -> None:
+        devices = [device("sensor", 0.01)]
+        driver = PushingDriver(devices)
+        sink = Sink()
+        worker, task = await started(driver, sink, devices)
+        try:
+            await asyncio.sleep(0.2)
+            assert driver.calls == []  # not one poll in 20 intervals
+            worker.pushed([Reading("sensor", "level", 5, "%", 0)])
+            assert worker.state["sensor"].online is True
+            assert [r.value for r in sink.readings] == [5]
+            worker.silent("sensor", "no advertisement for 300 s")
+            worker.silent("sensor", "still nothing")  # raised once, not twice
+            assert worker.state["sensor"].online is False
+            worker.pushed([Reading("sensor", "level", 6, "%", 0)])
+            assert [e for e in sink.events if e[0] == "device_offline"] == [
+                ("device_offline", "sensor", "raised"),
+                ("device_offline", "sensor", "cleared"),
+            ]
+        finally:
+            await stop(task)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
