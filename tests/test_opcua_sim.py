@@ -23,6 +23,7 @@ from firmware_sim.opcua import (
     APPLICATION_URI,
     NAMESPACE_URI,
     CabinetSimulator,
+    bench_point_path,
     certificate_fingerprint,
     make_self_signed,
     node_id,
@@ -44,17 +45,25 @@ class Pki:
     client_key: Path
     other_cert: Path
     """A client certificate that is in no trust list."""
+    other_key: Path
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("opcua-pki")
     client_cert, client_key = make_self_signed(CLIENT_URI, "test client")
-    other_cert, _ = make_self_signed(CLIENT_URI, "stranger")
+    other_cert, other_key = make_self_signed(CLIENT_URI, "stranger")
     (root / "client.der").write_bytes(client_cert)
     (root / "client.pem").write_bytes(client_key)
     (root / "other.der").write_bytes(other_cert)
-    return Pki(root / "server", root / "client.der", root / "client.pem", root / "other.der")
+    (root / "other.pem").write_bytes(other_key)
+    return Pki(
+        root / "server",
+        root / "client.der",
+        root / "client.pem",
+        root / "other.der",
+        root / "other.pem",
+    )
 
 
 def trust_dir_with(tmp_path: Path, *certs: Path) -> Path:
@@ -322,6 +331,165 @@ def test_dropped_connections_fail_fast_and_reconnect_works(pki: Pki, tmp_path: P
     asyncio.run(body())
 
 
+async def as_user(client: Client, name: str, password: str) -> Client:
+    client.set_user(name)
+    client.set_password(password)
+    return client
+
+
+async def with_user_certificate(client: Client, cert: Path, key: Path) -> Client:
+    await client.load_client_certificate(str(cert))
+    await client.load_private_key(key)
+    return client
+
+
+async def refused(client: Client) -> BaseException:
+    """Connects, expecting a refusal; returns the error after closing what was opened."""
+    try:
+        async with asyncio.timeout(STEP_S):
+            await client.connect()
+    except ua.UaStatusCodeError as exc:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(STEP_S):
+                await client.disconnect()
+        return exc
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(STEP_S):
+            await client.disconnect()
+    raise AssertionError("the session was accepted")
+
+
+def test_user_names_and_passwords(pki: Pki, tmp_path: Path) -> None:
+    async def body() -> None:
+        sim = CabinetSimulator(
+            pki.server_dir, users={"operator": "s3cret", "viewer": ""}, allow_anonymous=False
+        )
+        async with asyncio.timeout(STEP_S):
+            await sim.start()
+        try:
+            client = await as_user(await secure_client(sim, pki, tmp_path), "operator", "s3cret")
+            async with connected(client):
+                assert await read(client, "DoorOpen") is False
+                dim = client.get_node(node_id("Circuit1.DimLevel"))
+                async with asyncio.timeout(STEP_S):
+                    await dim.write_value(ua.DataValue(ua.Variant(55, ua.VariantType.Byte)))
+            assert sim.state.circuits[1].dim_level == 55
+            wrong = await as_user(await secure_client(sim, pki, tmp_path), "operator", "s3cre")
+            assert isinstance(await refused(wrong), ua.uaerrors.BadUserAccessDenied)
+            unknown = await as_user(await secure_client(sim, pki, tmp_path), "intruder", "s3cret")
+            assert isinstance(await refused(unknown), ua.uaerrors.BadUserAccessDenied)
+            anonymous = await secure_client(sim, pki, tmp_path)
+            assert isinstance(await refused(anonymous), ua.uaerrors.BadIdentityTokenRejected)
+            empty = await as_user(await secure_client(sim, pki, tmp_path), "viewer", "")
+            async with connected(empty):
+                assert await read(empty, "DoorOpen") is False
+            assert sim.logins == ["user:operator", "user:viewer"]
+            assert sim.rejected_logins == ["user:operator", "user:intruder"]
+        finally:
+            await sim.stop()
+
+    asyncio.run(body())
+
+
+def test_user_certificates(pki: Pki, tmp_path: Path) -> None:
+    async def body() -> None:
+        # The application certificate doubles as the user certificate, as on many gateways:
+        # an anonymous session over that secure channel must still count as anonymous.
+        sim = CabinetSimulator(pki.server_dir, user_certificates=[pki.client_cert.read_bytes()])
+        async with asyncio.timeout(STEP_S):
+            await sim.start()
+        try:
+            async with connected(await secure_client(sim, pki, tmp_path)) as client:
+                assert await read(client, "DoorOpen") is False
+            client = await with_user_certificate(
+                await secure_client(sim, pki, tmp_path), pki.client_cert, pki.client_key
+            )
+            async with connected(client):
+                assert await read(client, "Circuit2.ActualLevel") == 100
+            stranger = await with_user_certificate(
+                await secure_client(sim, pki, tmp_path), pki.other_cert, pki.other_key
+            )
+            assert isinstance(await refused(stranger), ua.uaerrors.BadUserAccessDenied)
+            by_name = await as_user(await secure_client(sim, pki, tmp_path), "operator", "x")
+            assert isinstance(await refused(by_name), ua.uaerrors.BadIdentityTokenRejected)
+            assert sim.logins == ["anonymous", "cert:O=Lampyre,CN=test client"]
+            assert sim.rejected_logins == ["cert:O=Lampyre,CN=stranger"]
+        finally:
+            await sim.stop()
+
+    asyncio.run(body())
+
+
+def test_every_bench_point_changes_every_second(pki: Pki, tmp_path: Path) -> None:
+    count = 20
+    paths = [bench_point_path(index) for index in range(count)]
+    assert paths[0] == "Bench.P0000" and node_id(paths[-1]) == "ns=2;s=Cabinet.Bench.P0019"
+
+    async def body() -> None:
+        sim = CabinetSimulator(pki.server_dir, bench_points=count)
+        async with asyncio.timeout(STEP_S):
+            await sim.start()
+        try:
+            async with connected(await secure_client(sim, pki, tmp_path)) as client:
+                nodes = [client.get_node(node_id(path)) for path in paths]
+                async with asyncio.timeout(STEP_S):
+                    first = await client.read_values(nodes)
+                    await asyncio.sleep(1.2)
+                    second = await client.read_values(nodes)
+                    # Bounded wait rather than a timing assertion: a slow machine may miss a tick.
+                    while not all(b > a for a, b in zip(first, second, strict=True)):
+                        await asyncio.sleep(0.2)
+                        second = await client.read_values(nodes)
+                for index, value in enumerate(second):
+                    assert isinstance(value, float)
+                    assert (value - index).is_integer() and value - index >= 1
+                bench = client.get_node(node_id("Bench"))
+                async with asyncio.timeout(STEP_S):
+                    names = {(await c.read_browse_name()).Name for c in await bench.get_children()}
+                assert names == {f"P{index:04d}" for index in range(count)}
+        finally:
+            await sim.stop()
+
+    asyncio.run(body())
+
+
+def test_dropped_subscriptions_go_silent_while_the_session_lives(pki: Pki, tmp_path: Path) -> None:
+    async def body() -> None:
+        sim = CabinetSimulator(pki.server_dir)
+        async with asyncio.timeout(STEP_S):
+            await sim.start()
+        try:
+            async with connected(await secure_client(sim, pki, tmp_path)) as client:
+                changes = Changes()
+                async with asyncio.timeout(STEP_S):
+                    subscription = await client.create_subscription(50, changes)
+                    await subscription.subscribe_data_change(
+                        client.get_node(node_id("AmbientLight"))
+                    )
+                await sim.set_ambient_light(100.0)
+                await changes.wait_for("AmbientLight", 100.0)
+
+                assert await sim.drop_subscriptions() == 1
+                await sim.set_ambient_light(200.0)
+                # Twenty publishing intervals of silence: the subscription is gone for good.
+                await asyncio.sleep(1.0)
+                assert changes.seen.empty()
+                with pytest.raises(ua.uaerrors.BadNoSubscription):
+                    async with asyncio.timeout(STEP_S):
+                        await client.uaclient.publish([])
+                # The session itself is alive, and a new subscription works.
+                assert await read(client, "AmbientLight") == 200.0
+                async with asyncio.timeout(STEP_S):
+                    again = await client.create_subscription(50, changes)
+                    await again.subscribe_data_change(client.get_node(node_id("AmbientLight")))
+                await changes.wait_for("AmbientLight", 200.0)
+            assert sim.dropped_subscriptions == 1
+        finally:
+            await sim.stop()
+
+    asyncio.run(body())
+
+
 def test_electrical_model_follows_the_load(pki: Pki) -> None:
     async def body() -> None:
         sim = CabinetSimulator(pki.server_dir, seed=3)
@@ -370,7 +538,20 @@ sys.exit(asyncio.run(COMMAND.run(parser.parse_args(sys.argv[1:]))))
 def test_cli_prints_endpoint_and_fingerprint(pki: Pki, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'firmware-sim'}{os.pathsep}{REPO}"}
     process = subprocess.Popen(
-        [sys.executable, "-c", CLI_SCRIPT, "--port", "0", "--cert-dir", str(pki.server_dir)],
+        [
+            sys.executable,
+            "-c",
+            CLI_SCRIPT,
+            "--port",
+            "0",
+            "--cert-dir",
+            str(pki.server_dir),
+            "--user",
+            "operator:s3cret",
+            "--no-anonymous",
+            "--bench-points",
+            "3",
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -385,6 +566,9 @@ def test_cli_prints_endpoint_and_fingerprint(pki: Pki, tmp_path: Path) -> None:
         assert endpoint.rstrip().endswith("/lampyre/cabinet")
         der = (pki.server_dir / server_module.CERT_FILE).read_bytes()
         assert fingerprint.strip() == f"Server certificate SHA-256: {certificate_fingerprint(der)}"
+        assert process.stdout.readline().startswith("Security: Basic256Sha256")
+        assert process.stdout.readline().strip() == "User identities: user operator"
+        assert process.stdout.readline().startswith("Bench points: 3 (ns=2;s=Cabinet.Bench.P0000")
         url = endpoint.removeprefix("OPC UA endpoint: ").strip()
 
         async def probe() -> None:
@@ -393,6 +577,8 @@ def test_cli_prints_endpoint_and_fingerprint(pki: Pki, tmp_path: Path) -> None:
                 endpoints = await client.connect_and_get_server_endpoints()
             modes = {e.SecurityMode for e in endpoints}
             assert modes == {ua.MessageSecurityMode.Sign, ua.MessageSecurityMode.SignAndEncrypt}
+            tokens = {t.TokenType for e in endpoints for t in e.UserIdentityTokens}
+            assert tokens == {ua.UserTokenType.UserName}
 
         asyncio.run(probe())
     finally:

@@ -1,5 +1,6 @@
 """A simulated street-lighting cabinet controller served over OPC UA (asyncua), with security,
-a client trust list and recovery faults (restart, freeze, dropped connections).
+a client trust list, user identities, bench points and recovery faults (restart, freeze, dropped
+connections, dropped subscriptions).
 
 Typical use in a test::
 
@@ -7,6 +8,7 @@ Typical use in a test::
     url = await sim.start()          # opc.tcp://127.0.0.1:PORT/lampyre/cabinet
     sim.freeze(); ...; sim.thaw()
     await sim.restart()              # same port, same certificate
+    await sim.drop_subscriptions()   # sessions stay, subscriptions go
     sim.writes["Circuit1.DimLevel"]
 """
 
@@ -19,7 +21,9 @@ from firmware_sim.opcua.server import (
     CabinetSimulator,
     CabinetState,
     CircuitState,
+    bench_point_path,
     certificate_fingerprint,
+    certificate_subject,
     make_self_signed,
     node_id,
 )
@@ -33,7 +37,9 @@ __all__ = [
     "CabinetSimulator",
     "CabinetState",
     "CircuitState",
+    "bench_point_path",
     "certificate_fingerprint",
+    "certificate_subject",
     "make_self_signed",
     "node_id",
 ]

@@ -6,6 +6,11 @@ stops forwarding without closing anything (a hung PLC or a network black hole), 
 ``drop_connections()`` cuts every TCP connection. ``restart()`` rebuilds the OPC UA server (all
 sessions and subscriptions are lost, as on a real controller reboot) on the same public port
 with the same certificate; the process image (levels, energy counters) survives.
+``drop_subscriptions()`` deletes the subscriptions alone, sessions and connections staying up.
+
+User identities (anonymous, user name and password, user certificate) are checked by a user
+manager plugged into asyncua; ``bench_points`` adds a folder of variables that all change every
+second, for throughput benches.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import hmac
 import ipaddress
 import logging
 import os
 import random
 import socket
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,10 @@ from typing import Any
 from asyncua import ua
 from asyncua.common.node import Node
 from asyncua.common.utils import ServiceError
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.internal_server import InternalServer
 from asyncua.server.server import Server
+from asyncua.server.user_managers import UserManager
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
@@ -45,7 +55,9 @@ __all__ = [
     "CabinetSimulator",
     "CabinetState",
     "CircuitState",
+    "bench_point_path",
     "certificate_fingerprint",
+    "certificate_subject",
     "make_self_signed",
     "node_id",
 ]
@@ -61,7 +73,10 @@ CERT_FILE = "server-cert.der"
 KEY_FILE = "server-key.pem"
 
 UPDATE_INTERVAL_S = 1.0
-"""How often the electrical values and the schedule flag change."""
+"""How often the electrical values, the schedule flag and the bench points change."""
+BENCH_FOLDER = "Bench"
+MAX_BENCH_POINTS = 10_000
+"""The bench point names have four digits (``P0000``…``P9999``)."""
 RELAY_CHUNK_BYTES = 65536
 CERT_VALIDITY_DAYS = 3650
 RSA_KEY_BITS = 2048
@@ -77,6 +92,12 @@ def node_id(path: str) -> str:
     server's own; profiles should still prefer the namespace URI."""
     suffix = f".{path}" if path else ""
     return f"ns=2;s=Cabinet{suffix}"
+
+
+def bench_point_path(index: int) -> str:
+    """The path of bench point ``index`` (``3`` → ``"Bench.P0003"``), for :func:`node_id` and
+    :meth:`CabinetSimulator.value`."""
+    return f"{BENCH_FOLDER}.P{index:04d}"
 
 
 def make_self_signed(
@@ -207,6 +228,85 @@ class CabinetState:
     lights_on_by_schedule: bool = False
 
 
+def certificate_subject(cert_der: bytes) -> str:
+    """The subject of a DER certificate as an RFC 4514 string (``CN=…,O=…``)."""
+    return x509.load_der_x509_certificate(cert_der).subject.rfc4514_string()
+
+
+class _IdentityServer(InternalServer):
+    """asyncua's internal server, remembering the certificate of a verified X509 identity token.
+
+    asyncua hands the user manager ``certificate=`` for every token type: the token's certificate
+    for an X509 token, but the secure channel's (application) certificate for anonymous and user
+    name tokens, so the user manager alone cannot tell "anonymous" from "user certificate".
+    ``InternalSession.activate_session`` is synchronous and calls ``verify_x509_token`` right
+    before ``user_manager.get_user``, so a note taken here cannot be mixed up between sessions.
+    """
+
+    x509_token_certificate: bytes | None = None
+
+    def verify_x509_token(
+        self, isession: Any, token: ua.X509IdentityToken, signature: ua.SignatureData
+    ) -> bytes:
+        certificate: bytes = super().verify_x509_token(isession, token, signature)
+        self.x509_token_certificate = certificate
+        return certificate
+
+
+class _CabinetUsers(UserManager):
+    """Who may open a session. ``users``/``user_certificates`` of ``None`` mean "any" (asyncua's
+    permissive default); the identity token types offered are set separately on the server, and
+    asyncua refuses the others before asking here."""
+
+    def __init__(
+        self,
+        users: Mapping[str, str] | None,
+        user_certificates: Sequence[bytes] | None,
+        logins: list[str],
+        rejected: list[str],
+    ) -> None:
+        self.users = dict(users) if users is not None else None
+        self.user_certificates = (
+            frozenset(user_certificates) if user_certificates is not None else None
+        )
+        self.logins = logins
+        self.rejected = rejected
+
+    def get_user(
+        self,
+        iserver: InternalServer,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:
+        token_certificate: bytes | None = None
+        if isinstance(iserver, _IdentityServer):
+            token_certificate, iserver.x509_token_certificate = iserver.x509_token_certificate, None
+        if token_certificate is not None:
+            login = f"cert:{certificate_subject(token_certificate)}"
+            accepted = (
+                self.user_certificates is None and self.users is None
+            ) or token_certificate in (self.user_certificates or ())
+        elif username is not None:
+            login = f"user:{username}"
+            if self.users is None:
+                accepted = self.user_certificates is None
+            else:
+                expected = self.users.get(username)
+                accepted = expected is not None and hmac.compare_digest(
+                    expected.encode(), (password or "").encode()
+                )
+        else:
+            login, accepted = "anonymous", True
+        if not accepted:
+            self.rejected.append(login)
+            _LOGGER.warning("refused login %s", login)
+            return None
+        self.logins.append(login)
+        # Role User: read, write, browse, subscribe, call (asyncua's SimpleRoleRuleset).
+        return User(role=UserRole.User, name=login)
+
+
 def _type_id(object_id: int) -> ua.NodeId:
     return ua.NodeId(ua.Int32(object_id))
 
@@ -279,7 +379,14 @@ class CabinetSimulator:
     ``cert_dir`` holds the server certificate and key (created on first start). ``trust_dir``,
     when given, is the client trust list: only client certificates found there (DER or PEM) may
     open a secure session; when ``None`` any client certificate is accepted. The ``None``
-    security policy is offered only with ``allow_none=True``."""
+    security policy is offered only with ``allow_none=True``.
+
+    User identities: ``users`` (name → password) offers the UserName token and accepts only those
+    pairs; ``user_certificates`` (DER) offers the X509 token and accepts only those certificates;
+    anonymous sessions are accepted unless ``allow_anonymous=False``. With neither ``users`` nor
+    ``user_certificates``, any user name and password and any user certificate are accepted
+    (asyncua's default). ``bench_points`` adds ``Cabinet.Bench.P0000``… Double variables that
+    all change every :data:`UPDATE_INTERVAL_S`."""
 
     def __init__(
         self,
@@ -290,17 +397,39 @@ class CabinetSimulator:
         port: int = 0,
         allow_none: bool = False,
         seed: int = 0,
+        users: Mapping[str, str] | None = None,
+        user_certificates: Sequence[bytes] | None = None,
+        allow_anonymous: bool = True,
+        bench_points: int = 0,
     ) -> None:
+        if not 0 <= bench_points <= MAX_BENCH_POINTS:
+            raise ValueError(f"bench_points: expected 0 to {MAX_BENCH_POINTS}, got {bench_points}")
         self.cert_dir = cert_dir
         self.trust_dir = trust_dir
         self.host = host
         self.port = port
         self.allow_none = allow_none
+        self.users = dict(users) if users is not None else None
+        self.user_certificates = list(user_certificates) if user_certificates is not None else None
+        self.allow_anonymous = allow_anonymous
+        self.bench_points = bench_points
         self.state = CabinetState()
         self.writes: Counter[str] = Counter()
         """Client writes accepted per node path (``"Circuit1.DimLevel"``)."""
         self.method_calls: list[tuple[str, tuple[Any, ...]]] = []
         self.rejected_certificates = 0
+        self.logins: list[str] = []
+        """Successful session activations, in order: ``"anonymous"``, ``"user:NAME"``,
+        ``"cert:SUBJECT"`` (RFC 4514 subject of the user certificate)."""
+        self.rejected_logins: list[str] = []
+        """Refused identities (wrong password, unknown user or certificate), same format."""
+        self.dropped_subscriptions = 0
+        """Subscriptions deleted by :meth:`drop_subscriptions` so far."""
+        self.bench_tick = 0
+        """Bench point ``i`` holds ``bench_tick + i``; incremented at every tick."""
+        self.overrun_ticks = 0
+        """Periodic ticks that took longer than :data:`UPDATE_INTERVAL_S` (the server could not
+        keep up, e.g. with too many bench points on a slow machine)."""
         self._random = random.Random(seed)  # noqa: S311 - noise, not crypto
         self._server: Server | None = None
         self._relay: _Relay | None = None
@@ -345,6 +474,7 @@ class CabinetSimulator:
         # The advertised URL is the relay's, so clients see one consistent endpoint.
         server.set_endpoint(self.endpoint)
         await self._publish()
+        await self._publish_bench()
         self._ticker = asyncio.create_task(self._tick_forever(), name="opcua-sim-ticker")
         _LOGGER.info("OPC UA cabinet simulator on %s", self.endpoint)
         return self.endpoint
@@ -393,6 +523,44 @@ class CabinetSimulator:
         if self._relay is not None:
             self._relay.drop()
 
+    async def drop_subscriptions(self) -> int:
+        """Deletes every subscription on the server side; sessions and connections stay open.
+
+        What a controller does when it runs short of resources or loses subscriptions in a
+        session-transfer bug: a client gets no more notifications and no keep-alives; its
+        reads, writes and calls still work. Uses asyncua's
+        ``iserver.subscription_service.delete_subscriptions`` (what a DeleteSubscriptions
+        request runs), then answers the Publish requests each connection had parked with
+        ``BadNoSubscription``, as OPC UA Part 4 (5.13.8) requires when a session's last
+        subscription goes: asyncua's service would leave them unanswered. Later Publish
+        requests fail with ``BadNoSubscription`` too. Returns how many subscriptions went."""
+        server = self._server
+        if server is None:
+            raise RuntimeError("simulator not running")
+        service = server.iserver.subscription_service
+        ids = list(service.subscriptions)
+        await service.delete_subscriptions(ids)
+        if server.bserver is not None:
+            for protocol in list(server.bserver.clients):
+                processor = protocol.processor
+                if processor is None:
+                    continue
+                # Private asyncua state (UaProcessor): the parked Publish requests and the
+                # subscriptions waiting for one. No public API answers them.
+                processor._publish_results_subs.clear()
+                while processor._publish_requests:
+                    parked = processor._publish_requests.popleft()
+                    fault = ua.ServiceFault()
+                    fault.ResponseHeader.ServiceResult = ua.StatusCode(
+                        ua.UInt32(StatusCodes.BadNoSubscription)
+                    )
+                    processor.send_response(  # type: ignore[no-untyped-call]
+                        parked.requesthdr.RequestHandle, parked.seqhdr, fault
+                    )
+        self.dropped_subscriptions += len(ids)
+        _LOGGER.info("dropped %d subscriptions", len(ids))
+        return len(ids)
+
     # Ground-truth setters for tests: the cabinet's sensors.
 
     async def set_door_open(self, is_open: bool) -> None:
@@ -404,9 +572,12 @@ class CabinetSimulator:
         await self._publish()
 
     async def tick(self, elapsed_s: float = UPDATE_INTERVAL_S) -> None:
-        """Advances the electrical model by ``elapsed_s`` and publishes the new values."""
+        """Advances the electrical model by ``elapsed_s`` and publishes the new values; every
+        bench point gets a new value."""
         self._advance(elapsed_s)
         await self._publish()
+        self.bench_tick += 1
+        await self._publish_bench()
 
     def value(self, path: str) -> Any:
         """The value the server holds right now for ``Cabinet.<path>``."""
@@ -415,8 +586,18 @@ class CabinetSimulator:
         return _value_of(self._server.read_attribute_value(self._nodes[path].nodeid))
 
     async def _build_server(self) -> Server:
-        server = Server()
+        users = _CabinetUsers(self.users, self.user_certificates, self.logins, self.rejected_logins)
+        server = Server(iserver=_IdentityServer(user_manager=users))
         await server.init()
+        permissive = self.users is None and self.user_certificates is None
+        tokens: list[type] = []
+        if self.allow_anonymous:
+            tokens.append(ua.AnonymousIdentityToken)
+        if self.users is not None or permissive:
+            tokens.append(ua.UserNameIdentityToken)
+        if self.user_certificates is not None or permissive:
+            tokens.append(ua.X509IdentityToken)
+        server.set_identity_tokens(tokens)
         server.set_endpoint(f"opc.tcp://{self.host}:0{ENDPOINT_PATH}")
         server.socket_address = ("127.0.0.1", 0)
         server.set_server_name("Lampyre cabinet simulator")
@@ -457,7 +638,8 @@ class CabinetSimulator:
             return ua.NodeId(ua.String(f"Cabinet.{path}" if path else "Cabinet"), ua.Int16(idx))
 
         async def folder(parent: Node, path: str) -> Node:
-            name = path.rsplit(".", 1)[-1]
+            # The root object is path "" and browse name "Cabinet" (browse paths start there).
+            name = path.rsplit(".", 1)[-1] or "Cabinet"
             node = await parent.add_object(nid(path), ua.QualifiedName(name, idx))
             nodes[path] = node
             return node
@@ -492,6 +674,10 @@ class CabinetSimulator:
         await variable(clock, "Clock.SunriseTime", epoch, ua.VariantType.DateTime)
         await variable(clock, "Clock.SunsetTime", epoch, ua.VariantType.DateTime)
         await variable(clock, "Clock.LightsOnBySchedule", False, ua.VariantType.Boolean)
+        if self.bench_points:
+            bench = await folder(cabinet, BENCH_FOLDER)
+            for index in range(self.bench_points):
+                await variable(bench, bench_point_path(index), float(index), ua.VariantType.Double)
 
         circuit_arg = ua.Argument(Name="circuit", DataType=_type_id(ObjectIds.Int32), ValueRank=-1)
         on_arg = ua.Argument(Name="on", DataType=_type_id(ObjectIds.Boolean), ValueRank=-1)
@@ -602,7 +788,35 @@ class CabinetSimulator:
         finally:
             self._internal_write = False
 
+    async def _publish_bench(self) -> None:
+        server = self._server
+        if server is None or not self.bench_points or not self._nodes:
+            return
+        now = ua.DateTime.now(dt.UTC)
+        for index in range(self.bench_points):
+            node = self._nodes[bench_point_path(index)]
+            await server.write_attribute_value(
+                node.nodeid,
+                ua.DataValue(
+                    ua.Variant(float(self.bench_tick + index), ua.VariantType.Double),
+                    SourceTimestamp=now,
+                    ServerTimestamp=now,
+                ),
+            )
+
     async def _tick_forever(self) -> None:
+        # A fixed rate rather than a fixed pause: with a thousand bench points a tick takes a
+        # while, and every point must still change once per interval.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
         while True:
             await self.tick(UPDATE_INTERVAL_S)
-            await asyncio.sleep(UPDATE_INTERVAL_S)
+            deadline += UPDATE_INTERVAL_S
+            now = loop.time()
+            if now > deadline:
+                self.overrun_ticks += 1
+                _LOGGER.warning(
+                    "tick overran the %.1f s interval by %.3f s", UPDATE_INTERVAL_S, now - deadline
+                )
+                deadline = now  # no burst of catch-up ticks
+            await asyncio.sleep(deadline - now)
