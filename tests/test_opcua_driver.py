@@ -555,3 +555,73 @@ def test_deadband_keeps_small_changes_off_the_uplink(tmp_path: Path) -> None:
                 await _stop(driver, task)
 
     asyncio.run(body())
+
+
+def _password_file(directory: Path, password: str) -> Path:
+    path = directory / "plc-password"
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_user_name_identity_is_sent_and_a_wrong_password_is_refused(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with simulator(tmp_path, users={"lampyre": "s3cret"}, allow_anonymous=False) as sim:
+            bus = {
+                "identity": "username",
+                "username": "lampyre",
+                "password_file": str(_password_file(tmp_path, "s3cret")),
+            }
+            driver, context = _driver(tmp_path, sim.endpoint, bus=bus)
+            task = await _run_until(driver, lambda: bool(context.readings), "values")
+            await _stop(driver, task)
+            assert sim.logins == ["user:lampyre"]
+            _password_file(tmp_path, "guess")
+            driver, _ = _driver(tmp_path, sim.endpoint, bus=bus)
+            with pytest.raises(BusUnavailable, match="refused the user name or password"):
+                await driver.connect()
+            assert len(sim.rejected_logins) == 1 and sim.logins == ["user:lampyre"]
+
+    asyncio.run(body())
+
+
+def test_a_password_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with simulator(tmp_path, users={"lampyre": "s3cret"}) as sim:
+            path = _password_file(tmp_path, "s3cret")
+            path.chmod(0o644)
+            bus = {"identity": "username", "username": "lampyre", "password_file": str(path)}
+            driver, _ = _driver(tmp_path, sim.endpoint, bus=bus)
+            with pytest.raises(BusUnavailable, match="chmod 600"):
+                await driver.connect()
+            assert sim.logins == []
+
+    asyncio.run(body())
+
+
+def test_user_certificate_identity(tmp_path: Path) -> None:
+    from drivers.opcua.security import ensure_client_certificate
+
+    user_cert, user_key = ensure_client_certificate(
+        tmp_path / "user" / "operator.der",
+        tmp_path / "user" / "operator-key.pem",
+        application_uri="urn:lampyre:test:operator",
+        common_name="cabinet operator",
+    )
+
+    async def body() -> None:
+        async with simulator(
+            tmp_path, user_certificates=[user_cert.read_bytes()], allow_anonymous=False
+        ) as sim:
+            bus = {
+                "identity": "certificate",
+                "user_certificate": str(user_cert),
+                "user_private_key": str(user_key),
+            }
+            driver, context = _driver(tmp_path, sim.endpoint, bus=bus)
+            task = await _run_until(driver, lambda: bool(context.readings), "values")
+            await _stop(driver, task)
+            assert len(sim.logins) == 1 and sim.logins[0].startswith("cert:")
+            assert "cabinet operator" in sim.logins[0]
+
+    asyncio.run(body())

@@ -237,3 +237,23 @@ def test_method_and_contactor_commands_are_acked_with_the_feedback(
             assert s.sim.writes["Circuit1.DimLevel"] == 0
 
     asyncio.run(asyncio.wait_for(body(), 90))
+
+
+def test_lost_subscription_is_detected_recreated_and_reported_as_a_gap(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    async def body() -> None:
+        async with site(tmp_path, broker) as s:
+            await s.wait(value_is("cabinet", "door_open", False))
+            dropped = now_ms()
+            # The session and the TCP connection stay up; only the subscription is gone.
+            assert await s.sim.drop_subscriptions() == 1
+            await s.sim.set_door_open(True)
+            messages = await s.wait(lambda m: bool(_gap_events(m)))
+            (gap,) = _gap_events(messages)
+            assert "subscription is dead" in gap["detail"]["reason"]
+            assert gap["detail"]["from_ms"] <= dropped + 500
+            messages = await s.wait(value_is("cabinet", "door_open", True))
+            assert [e["state"] for e in events(messages, "bus_offline")] == ["raised", "cleared"]
+
+    asyncio.run(asyncio.wait_for(body(), 90))
