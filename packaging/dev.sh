@@ -2,13 +2,19 @@
 # Sets up a development machine (Debian 12) and runs the demo or the whole test suite.
 #   packaging/dev.sh demo [lampyre demo options]   simulated cabinet + agent + buffering + MQTT
 #   packaging/dev.sh test [pytest options]         lint, type checks and the whole test suite
-# Installs what is missing: Debian packages (python3-venv, mosquitto, mosquitto-clients), a
-# virtual env in .venv and the project with its test dependencies. Safe to run again.
+# Installs what is missing: Debian packages (python3-venv, mosquitto, mosquitto-clients, and for
+# the BLE tests' mock BlueZ dbus, python3-dbus, python3-gi), a virtual env in .venv, the project
+# with its test dependencies, and python-dbusmock in .venv/dbusmock (run by Debian's python,
+# which has dbus-python; the venv cannot build it). Safe to run again.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
 venv="$here/.venv"
+# The mock BlueZ (firmware_sim.ble) runs `python3 -m dbusmock` with Debian's python and this
+# folder on its PYTHONPATH. >= 0.32.1 is needed for the passive-scanning (monitor) API.
+dbusmock_dir="$venv/dbusmock"
+dbusmock_version=0.38.1
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -29,6 +35,10 @@ ensure_debian_packages() {
     python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
+    command -v dbus-daemon >/dev/null || [ -x /usr/bin/dbus-daemon ] || missing+=(dbus)
+    # Checked for Debian's own python, which runs the mock BlueZ, not for the venv's.
+    [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import dbus' 2>/dev/null || missing+=(python3-dbus)
+    [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import gi' 2>/dev/null || missing+=(python3-gi)
     if [ "${#missing[@]}" -gt 0 ]; then
         echo "installing Debian packages: ${missing[*]}"
         apt_install "${missing[@]}"
@@ -49,17 +59,28 @@ ensure_venv() {
     fi
 }
 
+ensure_dbusmock() {
+    if [ ! -f "$dbusmock_dir/dbusmock/__init__.py" ] ||
+        [ ! -d "$dbusmock_dir/python_dbusmock-$dbusmock_version.dist-info" ]; then
+        rm -rf "$dbusmock_dir"
+        "$venv/bin/python" -m pip install -q --no-deps --target "$dbusmock_dir" \
+            "python-dbusmock==$dbusmock_version"
+    fi
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     demo)
         ensure_debian_packages
         ensure_venv
+        ensure_dbusmock
         exec "$venv/bin/lampyre" demo "$@"
         ;;
     test)
         ensure_debian_packages
         ensure_venv
+        ensure_dbusmock
         echo "== ruff"
         "$venv/bin/ruff" check .
         echo "== mypy"

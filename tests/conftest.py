@@ -10,6 +10,9 @@ import pytest
 
 from tests.support.mosquitto import MosquittoBroker
 
+# The mock BlueZ on a private D-Bus system bus: fixtures `bluez` and `bluez_factory`.
+pytest_plugins = ["tests.support.bluez"]
+
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:

@@ -28,11 +28,12 @@ class SimulatorCommand:
 
 
 def _simulators() -> tuple[SimulatorCommand, ...]:
+    from firmware_sim.ble.cli import COMMAND as BLE
     from firmware_sim.dali.cli import COMMAND as DALI
     from firmware_sim.modbus.cli import COMMAND as MODBUS
     from firmware_sim.opcua.cli import COMMAND as OPCUA
 
-    return (MODBUS, DALI, OPCUA)
+    return (MODBUS, DALI, OPCUA, BLE)
 
 
 SIMULATORS: Callable[[], tuple[SimulatorCommand, ...]] = _simulators
