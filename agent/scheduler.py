@@ -298,6 +298,11 @@ class BusWorker:
             await self.driver.run()
         except asyncio.CancelledError:
             raise
+        except BusUnavailable as exc:
+            # The driver's own watchdog says its pushed source died: expected, no traceback.
+            log.warning("bus %s: link lost: %s", self.bus_id, exc)
+            self._report_bus_down(str(exc))
+            self._lost.set()
         except Exception as exc:
             log.exception("bus %s: driver task failed", self.bus_id)
             self._report_bus_down(f"{type(exc).__name__}: {exc}")
