@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_log_level(demo, default="warning")
     demo.set_defaults(handler=_demo)
+
+    from agent.keys_cli import register as register_keys
+
+    register_keys(commands)
     _register_plugins(commands)
     return parser
 
