@@ -26,7 +26,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from agent.mqtt import MqttSettings, TlsSettings
+from agent.envelope import KEY_ID_PATTERN, SUITE_NAMES
+from agent.mqtt import MqttSettings, TlsSettings, is_loopback_host
 from agent.sdk import (
     BusSpec,
     ConfigError,
@@ -48,6 +49,7 @@ __all__ = [
     "Field",
     "GatewayConfig",
     "HubConfig",
+    "KeysConfig",
     "Kind",
     "TableSpec",
     "config_schema",
@@ -75,6 +77,10 @@ TOPIC_PREFIX_TEXT: Final = (
     "not starting with '$'"
 )
 PATH_NOTE: Final = "A relative path is relative to the configuration file's folder."
+PLAINTEXT_REFUSED: Final = (
+    "hub.host is not on this machine and TLS is off: enable [hub.tls] or set "
+    "allow_plaintext = true (not for production)"
+)
 DRIVER_KEYS_NOTE: Final = (
     "Driver-specific key: validated by the driver, documented in docs/configuration.md."
 )
@@ -265,6 +271,14 @@ HUB_SPEC: Final = TableSpec(
             default=None,
         ),
         Field("tls", Kind.TABLE, TLS_SPEC.description, default=None, table=TLS_SPEC),
+        Field(
+            "allow_plaintext",
+            Kind.BOOL,
+            "Allow MQTT without TLS to a broker that is not on this machine (host not "
+            "localhost, 127.0.0.0/8 or ::1); readings, commands and the password then cross the "
+            "network in clear. For test benches, never for production.",
+            default=False,
+        ),
     ),
     requires=(("password_file", "username"),),
 )
@@ -303,6 +317,50 @@ BUFFER_SPEC: Final = TableSpec(
             default=1.0,
             minimum=0.0,
             exclusive_minimum=True,
+        ),
+    ),
+)
+
+KEYS_SPEC: Final = TableSpec(
+    "keys",
+    "The gateway's signing key and the public keys it trusts: the hub's, to seal readings to, "
+    "and the control posts', to verify commands (lampyre keys init and show).",
+    (
+        Field(
+            "dir",
+            Kind.PATH,
+            "Key folder: gateway-signing.key (created by lampyre keys init, mode 0600), "
+            "gateway-signing.pub, hub-<name>.pub (hub keys) and post-<name>.pub (control-post "
+            "keys); it must not be writable by group or others. " + PATH_NOTE,
+            default="keys",
+        ),
+        Field(
+            "hub_keys",
+            Kind.STR_LIST,
+            "Hub public key files (HPKE) to use instead of the folder's hub-*.pub files. "
+            + PATH_NOTE,
+            default=None,
+            default_text="every hub-*.pub file in dir",
+            min_items=1,
+            unique_items=True,
+        ),
+        Field(
+            "current_hub_key",
+            Kind.STR,
+            "Key id of the hub key new batches are sealed to, as lampyre keys show prints it; "
+            "the other hub keys stay known during a rotation.",
+            default=None,
+            default_text="the only hub key, when there is exactly one",
+            pattern=KEY_ID_PATTERN,
+            pattern_text="a key id: 16 lowercase hex digits",
+        ),
+        Field(
+            "suite",
+            Kind.STR,
+            "HPKE suite readings are sealed with; its KEM must be the current hub key's.",
+            default=None,
+            default_text="the hub key's KEM with HKDF-SHA256 and ChaCha20-Poly1305",
+            choices=SUITE_NAMES,
         ),
     ),
 )
@@ -381,6 +439,7 @@ CONFIG_SPEC: Final = TableSpec(
         Field("gateway", Kind.TABLE, GATEWAY_SPEC.description, table=GATEWAY_SPEC),
         Field("hub", Kind.TABLE, HUB_SPEC.description, default=None, table=HUB_SPEC),
         Field("buffer", Kind.TABLE, BUFFER_SPEC.description, default=None, table=BUFFER_SPEC),
+        Field("keys", Kind.TABLE, KEYS_SPEC.description, default=None, table=KEYS_SPEC),
         Field(
             "buses",
             Kind.MAP,
@@ -529,6 +588,17 @@ class BufferConfig:
 
 
 @dataclass(frozen=True)
+class KeysConfig:
+    """The ``[keys]`` table, paths resolved (the files are read by ``agent.keys``)."""
+
+    dir: Path
+    hub_keys: tuple[Path, ...] | None = None
+    """Hub public key files; None: every ``hub-*.pub`` of ``dir``."""
+    current_hub_key: str | None = None
+    suite: str | None = None
+
+
+@dataclass(frozen=True)
 class Circuit:
     """A switched circuit: the device and point that say whether it is on, and what it feeds."""
 
@@ -551,6 +621,8 @@ class GatewayConfig:
     """Driver name -> class, for the drivers the buses use."""
     circuits: Mapping[str, Circuit] = field(default_factory=dict)
     """Switched circuits by name, each with the devices it feeds."""
+    keys: KeysConfig = field(default_factory=lambda: KeysConfig(dir=Path("keys")))
+    """The key folder and the choice of hub key and suite."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -745,6 +817,7 @@ class _Loader:
         gateway = self.section(root, "gateway", GATEWAY_SPEC)
         hub = self.section(root, "hub", HUB_SPEC)
         buffer = self.section(root, "buffer", BUFFER_SPEC)
+        keys = self.section(root, "keys", KEYS_SPEC)
         buses, bus_classes = self.buses(root)
         profile_dirs = gateway.values.get("profile_dirs", ["profiles"])
         devices, device_ids = self.devices(root, buses, bus_classes, profile_dirs)
@@ -753,6 +826,7 @@ class _Loader:
         gateway_id = gateway.values.get("id")
         hub_config = self.hub(hub, gateway_id)
         buffer_config = self.buffer(buffer)
+        keys_config = self.keys(keys)
         if self.errors or gateway_id is None or hub_config is None or buffer_config is None:
             raise ConfigErrors(self.in_file_order())
         drivers = {bus.driver: bus_classes[bus_id] for bus_id, bus in buses.items()}
@@ -766,6 +840,7 @@ class _Loader:
             groups=MappingProxyType(groups),
             drivers=MappingProxyType({k: v for k, v in drivers.items() if v is not None}),
             circuits=MappingProxyType(circuits),
+            keys=keys_config or KeysConfig(dir=self.resolve("keys")),
         )
 
     def in_file_order(self) -> list[ConfigError]:
@@ -826,6 +901,15 @@ class _Loader:
             tls = TlsSettings(
                 ca_file=paths["ca_file"], cert_file=paths["cert_file"], key_file=paths["key_file"]
             )
+        host = values.get("host")
+        # Only the literal is judged, never what DNS says today (see is_loopback_host).
+        if (
+            tls is None
+            and isinstance(host, str)
+            and not is_loopback_host(host)
+            and values.get("allow_plaintext") is False
+        ):
+            self.errors.append(ConfigError(table.where("host"), PLAINTEXT_REFUSED))
         needed = ("host", "port", "prefix", "keepalive_s", "max_inflight")
         if gateway_id is None or any(key not in values for key in needed):
             return None
@@ -859,6 +943,29 @@ class _Loader:
             max_bytes=values["max_bytes"],
             batch_max_readings=values["batch_max_readings"],
             batch_max_delay_s=values["batch_max_delay_s"],
+        )
+
+    def keys(self, keys: _Section) -> KeysConfig | None:
+        values, table = keys.values, keys.table
+        if any(key not in values for key in KEYS_SPEC.names()):
+            return None
+        folder = self.resolve(values["dir"])
+        if folder.exists() and not folder.is_dir():
+            self.errors.append(table.error("dir", f"expected a folder, {folder} is not one"))
+        signing_key = folder / "gateway-signing.key"
+        if signing_key.exists():
+            # Created 0600 by lampyre keys init; one that others can read is a leaked key.
+            self.check_file(table, "dir", signing_key, secret=True)
+        hub_keys: tuple[Path, ...] | None = None
+        if values["hub_keys"] is not None:
+            hub_keys = tuple(self.resolve(item) for item in values["hub_keys"])
+            for path in hub_keys:
+                self.check_file(table, "hub_keys", path, secret=False)
+        return KeysConfig(
+            dir=folder,
+            hub_keys=hub_keys,
+            current_hub_key=values["current_hub_key"],
+            suite=values["suite"],
         )
 
     def buses(self, root: ConfigTable) -> tuple[dict[str, BusSpec], dict[str, type[Driver] | None]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -62,6 +63,7 @@ __all__ = [
     "SubscribeRejected",
     "TlsSettings",
     "build_tls_context",
+    "is_loopback_host",
     "read_secret_file",
 ]
 
@@ -153,6 +155,22 @@ class MqttSettings:
     username: str | None = None
     password_file: Path | None = None
     tls: TlsSettings | None = None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine without asking anyone: an address of 127.0.0.0/8 or
+    ::1 (also IPv4-mapped), or the name ``localhost``. Any other name counts as elsewhere, even
+    one that resolves to a loopback address today: what a name resolves to is up to DNS and the
+    hosts file, which may change after the configuration was checked."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from agent.mqtt import (
     MqttSettings,
     PublishRejected,
     SubscribeRejected,
+    is_loopback_host,
 )
 from agent.sdk import now_ms
 
@@ -180,6 +181,16 @@ class Uplink:
 
     async def run(self) -> None:
         """Connect, forward, reconnect, until cancelled."""
+        if self.settings.tls is None and not is_loopback_host(self.settings.host):
+            # The configuration refuses this unless hub.allow_plaintext says so; say it once
+            # more where the operator looks, since it must never reach production.
+            logger.warning(
+                "MQTT to %s:%s without TLS (hub.allow_plaintext = true): readings, commands and "
+                "any password cross the network in clear and the broker is not authenticated; "
+                "enable [hub.tls] for production",
+                self.settings.host,
+                self.settings.port,
+            )
         attempt = 0
         last_failure: tuple[str, str] | None = None
         try:
