@@ -25,7 +25,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
@@ -44,7 +44,10 @@ __all__ = [
     "DEFAULT_LIFETIME_S",
     "MAX_ACK_TOKEN_BYTES",
     "MAX_LIFETIME_S",
+    "MAX_RECEIPT_RANGES",
+    "MAX_RECEIPT_TOKEN_BYTES",
     "MAX_TOKEN_BYTES",
+    "RECEIPT_TYP",
     "REPLAY_KEEP_S",
     "UNSYNCED_MAX_LIFETIME_S",
     "AckRejected",
@@ -55,17 +58,22 @@ __all__ = [
     "CommandVerifier",
     "Ed25519Signer",
     "MemoryReplayStore",
+    "Receipt",
+    "ReceiptRejected",
     "RejectionCode",
     "ReplayStore",
     "TokenRejected",
     "VerifiedCommand",
     "clock_state_from_timedatectl",
     "command_claims",
+    "merge_ranges",
     "read_clock_state",
     "sign_ack",
     "sign_command",
+    "sign_receipt",
     "verify_ack",
     "verify_command",
+    "verify_receipt",
 ]
 
 ALGORITHM = "EdDSA"
@@ -75,6 +83,14 @@ COMMAND_TYP = "lampyre-cmd+jwt"
 other JWS signed by a key that happens to be trusted, is never taken for a command."""
 ACK_TYP = "lampyre-ack+jwt"
 """``typ`` of an ack token."""
+RECEIPT_TYP = "lampyre-receipt+jwt"
+"""``typ`` of a hub receipt token."""
+MAX_RECEIPT_TOKEN_BYTES = 65536
+"""A receipt longer than this is refused before it is split."""
+MAX_RECEIPT_RANGES = 1024
+"""At most this many sequence ranges in one receipt (the hub sends another for the rest)."""
+MAX_SEQ = 2**53 - 1
+"""Sequence numbers stay exact in a JSON double (as in the envelope header)."""
 
 MAX_TOKEN_BYTES = 8192
 """A command token longer than this is refused before it is even split. A 4096-byte command body
@@ -171,6 +187,23 @@ class CommandRejected(TokenRejected):
 
 class AckRejected(TokenRejected):
     """An ack token refused by :func:`verify_ack`."""
+
+
+class ReceiptRejected(TokenRejected):
+    """A hub receipt token refused by :func:`verify_receipt`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a verified hub receipt says: every sequence number in ``ranges`` is stored."""
+
+    gateway: str
+    ranges: tuple[tuple[int, int], ...]
+    """Inclusive ``(first, last)`` ranges, sorted, not overlapping."""
+    seq: int
+    """The highest sequence number stored (the last range's ``last``)."""
+    kid: str
+    """The hub key that signed it."""
 
 
 _Rejection = TypeVar("_Rejection", bound=TokenRejected)
@@ -374,6 +407,93 @@ def sign_ack(ack: Mapping[str, Any], key: Ed25519Signer, kid: str) -> str:
     ``ts``, ``id``, ``status``...); the header's ``typ`` is :data:`ACK_TYP`.
     """
     return _sign(ack, key, kid, ACK_TYP)
+
+
+def sign_receipt(
+    gateway: str,
+    ranges: Sequence[tuple[int, int]],
+    key: Ed25519Signer,
+    kid: str,
+    *,
+    ts_ms: int,
+) -> str:
+    """The compact JWS of a hub receipt for ``gateway``: ``ranges`` of sequence numbers the
+    hub has stored (merged and sorted here), signed by the hub's receipt key ``kid``."""
+    merged = merge_ranges(ranges)
+    if not merged:
+        raise ValueError("a receipt names at least one range")
+    if len(merged) > MAX_RECEIPT_RANGES:
+        raise ValueError(f"at most {MAX_RECEIPT_RANGES} ranges in one receipt")
+    document = {
+        "v": 1,
+        "gateway": gateway,
+        "ranges": [list(item) for item in merged],
+        "seq": merged[-1][1],
+        "ts": ts_ms,
+    }
+    return _sign(document, key, kid, RECEIPT_TYP)
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive ranges sorted, with overlapping and adjacent ones merged."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if first > last:
+            raise ValueError(f"range {first}..{last}: first after last")
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def verify_receipt(
+    token: bytes | str,
+    *,
+    keys: Mapping[str, Ed25519PublicKey],
+    gateway: str,
+) -> Receipt:
+    """The ranges of a hub-signed receipt addressed to ``gateway``; :class:`ReceiptRejected`
+    otherwise. Freshness is not checked, on purpose: sequence numbers are never reused, so an
+    old receipt replayed only deletes records the hub did store."""
+    kid, payload = _verify_signature(
+        token, keys, RECEIPT_TYP, MAX_RECEIPT_TOKEN_BYTES, ReceiptRejected
+    )
+    document = _json_object(payload, "receipt", ReceiptRejected, authenticated=True)
+
+    def malformed(reason: str) -> ReceiptRejected:
+        return ReceiptRejected(RejectionCode.MALFORMED, f"receipt: {reason}", authenticated=True)
+
+    if document.get("v") != 1:
+        raise malformed("v: expected 1")
+    if document.get("gateway") != gateway:
+        raise ReceiptRejected(
+            RejectionCode.WRONG_AUDIENCE,
+            f"receipt: not for gateway {_shown(gateway)}",
+            authenticated=True,
+        )
+    raw_ranges = document.get("ranges")
+    if not isinstance(raw_ranges, list) or not 1 <= len(raw_ranges) <= MAX_RECEIPT_RANGES:
+        raise malformed(f"ranges: expected a list of 1 to {MAX_RECEIPT_RANGES} [first, last]")
+    ranges: list[tuple[int, int]] = []
+    for item in raw_ranges:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not all(_is_seq(value) for value in item)
+            or item[0] > item[1]
+        ):
+            raise malformed("ranges: each range is [first, last], integers, first <= last")
+        ranges.append((item[0], item[1]))
+    if any(ranges[i][1] >= ranges[i + 1][0] for i in range(len(ranges) - 1)):
+        raise malformed("ranges: expected sorted, non-overlapping ranges")
+    if document.get("seq") != ranges[-1][1]:
+        raise malformed("seq: expected the last range's last sequence number")
+    return Receipt(gateway, tuple(ranges), ranges[-1][1], kid)
+
+
+def _is_seq(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEQ
 
 
 def _sign(document: Mapping[str, Any], key: Ed25519Signer, kid: str, typ: str) -> str:

@@ -9,6 +9,7 @@ file                       what                                                 
 ``gateway-signing.pub``    its public key, PEM SubjectPublicKeyInfo (for enrolment)    0644
 ``hub-<name>.pub``         a hub HPKE public key (readings are sealed to it)           0644
 ``post-<name>.pub``        a control-post Ed25519 public key (commands signed by it)   0644
+``receipt-<name>.pub``     a hub Ed25519 public key (hub receipts signed by it)        0644
 =========================  ==========================================================  ======
 
 The buffer's at-rest key stays where ``[buffer] key_file`` puts it (``agent/crypto.py`` creates
@@ -39,6 +40,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.envelope import (
     DEFAULT_SUITE,
+    GATEWAY_ID_PATTERN,
     SUITE_NAMES,
     SUITES,
     GatewaySigner,
@@ -72,6 +75,8 @@ __all__ = [
     "HUB_PRIVATE_GLOB",
     "HUB_PUBLIC_GLOB",
     "POST_PUBLIC_GLOB",
+    "RECEIPT_PUBLIC_GLOB",
+    "RECEIPT_SIGNING_KEY_FILE",
     "SIGNING_KEY_FILE",
     "SIGNING_PUBLIC_FILE",
     "KeyFileError",
@@ -82,20 +87,26 @@ __all__ = [
     "crypto_erase",
     "decode_hub_private_key",
     "decode_hub_public_key",
+    "ed25519_key_id",
     "ed25519_public_pem",
     "encode_hub_private_key",
     "encode_hub_public_key",
     "erase_targets",
     "generate_hub_keypair",
     "hub_key_files",
+    "load_ed25519_private_key",
+    "load_ed25519_public_keys",
+    "load_enrolled_gateway_keys",
     "load_gateway_signer",
     "load_hub_private_keys",
     "load_hub_public_keys",
     "load_post_public_keys",
+    "load_receipt_public_keys",
     "load_sealer",
     "read_ed25519_public_key",
     "read_hub_public_key",
     "select_hub_key",
+    "write_ed25519_keypair",
     "write_hub_keypair",
 ]
 
@@ -106,6 +117,9 @@ SIGNING_PUBLIC_FILE: Final = "gateway-signing.pub"
 HUB_PUBLIC_GLOB: Final = "hub-*.pub"
 HUB_PRIVATE_GLOB: Final = "hub-*.key"
 POST_PUBLIC_GLOB: Final = "post-*.pub"
+RECEIPT_PUBLIC_GLOB: Final = "receipt-*.pub"
+RECEIPT_SIGNING_KEY_FILE: Final = "receipt-signing.key"
+"""On the hub: the Ed25519 key that signs receipts (``lampyre keys hub-init`` creates it)."""
 PUBLIC_FILE_MODE: Final = 0o644
 MAX_KEY_FILE_BYTES: Final = 8192
 """Largest key file read (a hybrid HPKE public key is about 1.7 kB of text)."""
@@ -266,12 +280,78 @@ def load_post_public_keys(keys_dir: Path) -> dict[str, Ed25519PublicKey]:
     """The control posts' Ed25519 public keys (every ``post-*.pub`` of ``keys_dir``), by key id
     (the first 16 hex digits of the SHA-256 of the raw 32-byte key). Empty when there are none.
     Raises :class:`KeyFileError` for a refused file or folder."""
-    check_key_folder(keys_dir)
+    return load_ed25519_public_keys(keys_dir, POST_PUBLIC_GLOB)
+
+
+def load_receipt_public_keys(keys_dir: Path) -> dict[str, Ed25519PublicKey]:
+    """The hub's receipt-signing public keys (every ``receipt-*.pub`` of ``keys_dir``), by key
+    id, as :func:`load_post_public_keys`."""
+    return load_ed25519_public_keys(keys_dir, RECEIPT_PUBLIC_GLOB)
+
+
+def load_ed25519_public_keys(folder: Path, pattern: str) -> dict[str, Ed25519PublicKey]:
+    """Every Ed25519 public key of ``folder`` whose file name matches ``pattern``, by key id.
+    Empty when the folder does not exist."""
+    if not folder.exists():
+        return {}
+    check_key_folder(folder)
     keys: dict[str, Ed25519PublicKey] = {}
-    for path in sorted(keys_dir.glob(POST_PUBLIC_GLOB)):
+    for path in sorted(folder.glob(pattern)):
         key = read_ed25519_public_key(path)
         keys[key_id(key.public_bytes_raw())] = key
     return keys
+
+
+def load_enrolled_gateway_keys(folder: Path) -> dict[str, dict[str, Ed25519PublicKey]]:
+    """The hub side's enrolment: gateway id -> {key id: Ed25519 public key}, from
+    ``folder/<gateway id>/*.pub`` (each gateway's ``gateway-signing.pub``, as ``lampyre keys
+    show`` prints it; several files during a rotation). Folders whose name is not a gateway id
+    are refused: a typo must not silently leave a gateway unenrolled."""
+    check_key_folder(folder)
+    enrolled: dict[str, dict[str, Ed25519PublicKey]] = {}
+    for sub in sorted(folder.iterdir()):
+        if not sub.is_dir():
+            continue
+        if not re.fullmatch(GATEWAY_ID_PATTERN, sub.name):
+            raise KeyFileError(f"{sub}: the folder name is not a gateway id")
+        keys = load_ed25519_public_keys(sub, "*.pub")
+        if keys:
+            enrolled[sub.name] = keys
+    return enrolled
+
+
+def ed25519_key_id(public_key: Ed25519PublicKey) -> str:
+    """The key id of an Ed25519 public key (16 hex digits of the SHA-256 of its raw bytes)."""
+    return key_id(public_key.public_bytes_raw())
+
+
+def load_ed25519_private_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM file, refused if group or others have any access."""
+    data = read_private_file(path, limit=MAX_KEY_FILE_BYTES + 1)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyFileError(f"key file {path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"key file {path} does not hold an Ed25519 private key")
+    return key
+
+
+def write_ed25519_keypair(private_path: Path, public_dir: Path, prefix: str) -> tuple[str, Path]:
+    """Create an Ed25519 key at ``private_path`` (mode 0600) and its public key as
+    ``public_dir/<prefix>-<key id>.pub``; returns the key id and the public file. Never
+    overwrites (:class:`FileExistsError`)."""
+    private_key = Ed25519PrivateKey.generate()
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    kid = ed25519_key_id(private_key.public_key())
+    public_path = public_dir / f"{prefix}-{kid}.pub"
+    create_file_atomically(private_path, pem, mode=0o600)
+    create_file_atomically(
+        public_path, ed25519_public_pem(private_key.public_key()), mode=PUBLIC_FILE_MODE
+    )
+    return kid, public_path
 
 
 # --------------------------------------------------------------------------------------------

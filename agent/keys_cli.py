@@ -346,7 +346,16 @@ def _wipe(args: argparse.Namespace) -> int:
 
 def _hub_init(args: argparse.Namespace) -> int:
     from agent.envelope import DEFAULT_SUITE, SUITE_NAMES
-    from agent.keys import encode_hub_public_key, write_hub_keypair
+    from agent.keys import (
+        RECEIPT_PUBLIC_GLOB,
+        RECEIPT_SIGNING_KEY_FILE,
+        ed25519_key_id,
+        encode_hub_public_key,
+        load_ed25519_private_key,
+        write_ed25519_keypair,
+        write_hub_keypair,
+    )
+    from agent.sdk import LampyreError
 
     suite = args.suite or DEFAULT_SUITE
     if suite not in SUITE_NAMES:
@@ -360,6 +369,22 @@ def _hub_init(args: argparse.Namespace) -> int:
     print(f"  public key:  {public_path} (copy it into each gateway's key folder)")
     print(f"  fingerprint: sha256:{public.fingerprint}")
     print(f'  set keys.current_hub_key = "{public.kid}" on the gateways to seal to it')
+    # The receipt-signing key is one per hub (not per HPKE key): made once, kept afterwards.
+    out = Path(args.out)
+    receipt_key = out / RECEIPT_SIGNING_KEY_FILE
+    try:
+        if receipt_key.exists():
+            kid = ed25519_key_id(load_ed25519_private_key(receipt_key).public_key())
+            receipt_public = out / RECEIPT_PUBLIC_GLOB.replace("*", kid)
+            state = "kept"
+        else:
+            kid, receipt_public = write_ed25519_keypair(receipt_key, out, "receipt")
+            state = "created"
+    except (OSError, LampyreError) as exc:
+        return _fail(f"hub receipt key in {out}: {exc}")
+    print(f"hub receipt-signing key {kid} (Ed25519): {receipt_key} ({state}, mode 0600)")
+    print(f"  public key:  {receipt_public} (copy it into the key folder of gateways that use")
+    print("  hub receipts)")
     if public.kem.value == "x25519":
         print(f"  {encode_hub_public_key(public).decode().strip()}")
     return EXIT_OK
