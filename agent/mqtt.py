@@ -369,12 +369,13 @@ class MqttSession:
     # Connection ------------------------------------------------------------------------
     async def connect(
         self,
-        will_topic: str,
-        will_payload: bytes,
+        will_topic: str | None,
+        will_payload: bytes = b"",
         will_retain: bool = True,
         timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
-        """Connect with a QoS 1 last will; return once the broker accepted (CONNACK success).
+        """Connect with a QoS 1 last will (none when ``will_topic`` is None: the operator tools,
+        whose absence nobody watches); return once the broker accepted (CONNACK success).
 
         All or nothing: on failure nothing stays open and :class:`MqttConnectError` says why.
         """
@@ -410,7 +411,7 @@ class MqttSession:
     async def _connect(
         self,
         loop: asyncio.AbstractEventLoop,
-        will_topic: str,
+        will_topic: str | None,
         will_payload: bytes,
         will_retain: bool,
         timeout_s: float,
@@ -431,7 +432,8 @@ class MqttSession:
         # The session keeps the window (it knows the broker's Receive Maximum); paho must not
         # hold messages back on its own.
         client.max_inflight_messages = 0
-        client.will_set(will_topic, will_payload, qos=1, retain=will_retain)
+        if will_topic is not None:
+            client.will_set(will_topic, will_payload, qos=1, retain=will_retain)
         if settings.username is not None:
             client.username_pw_set(settings.username, password)
         if tls_context is not None:
