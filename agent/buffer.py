@@ -539,6 +539,43 @@ class Buffer:
 
         return finish
 
+    async def ack_ranges(
+        self, ranges: Sequence[tuple[int, int]], topics: Collection[str]
+    ) -> list[int]:
+        """Delete the records of ``topics`` whose seq lies in one of the inclusive ``ranges``
+        (a hub receipt); returns the seqs that went. Seqs not stored are ignored."""
+        if not ranges or not topics:
+            return []
+        wanted = [(int(first), int(last)) for first, last in ranges]
+        names = sorted(set(topics))
+        return await self._write(lambda conn: self._ack_ranges_txn(conn, wanted, names))
+
+    async def _ack_ranges_txn(
+        self, conn: aiosqlite.Connection, ranges: list[tuple[int, int]], topics: list[str]
+    ) -> Finish[list[int]]:
+        marks = ", ".join("?" * len(topics))
+        gone: list[tuple[int, Lane, int]] = []
+        for first, last in ranges:
+            async with conn.execute(
+                f"DELETE FROM records WHERE seq BETWEEN ? AND ? AND topic IN ({marks}) "  # noqa: S608
+                "RETURNING seq, lane, length(blob)",
+                (first, last, *topics),
+            ) as cursor:
+                gone.extend(
+                    (int(seq), Lane(lane), int(size)) for seq, lane, size in await cursor.fetchall()
+                )
+
+        def finish() -> list[int]:
+            state = self._state
+            for _, lane, size in gone:
+                state.bytes -= size
+                state.bytes_by_lane[lane] -= size
+                state.count_by_lane[lane] -= 1
+            self._warn_if_over_cap()
+            return sorted(seq for seq, _, _ in gone)
+
+        return finish
+
     @property
     def last_seq(self) -> int:
         """The highest sequence number issued so far (0 before :meth:`open`)."""

@@ -13,6 +13,11 @@ Three actions, all "write a point, then read a point back in the same bus slot":
 - ``write`` writes any writable point by name and reads back its ``read_back`` point.
 
 Where no feedback point is named, the written point itself is read back.
+
+Before any of that, a command must be a compact JWS signed by an enrolled control-post key
+(``agent.jws``, ``docs/command-signing.md``): the token is verified before its body is parsed,
+and each refusal is a ``rejected`` ack plus a ``security`` event. Plain JSON commands are taken
+only when the configuration explicitly allows them (demo benches).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
+from agent.jws import ClockState, CommandRejected, CommandVerifier, read_clock_state
 from agent.sdk import (
     BusUnavailable,
     DeviceSpec,
@@ -67,6 +73,10 @@ VALUE_ABS_TOLERANCE = 1e-9
 MIN_WRITE_INT = -(2**63)
 MAX_WRITE_INT = 2**64 - 1
 """``write``: integers must fit a 64-bit register, signed or not (no protocol holds more)."""
+
+CLOCK_STATE_CACHE_S = 30.0
+"""How long an answer about the clock's synchronisation is reused: a flood of tokens must not
+start a subprocess each."""
 
 MAX_SHOWN_DIGITS = 24
 """A rejection's reason quotes at most this many characters of a number that was sent."""
@@ -230,6 +240,11 @@ def parse_command(payload: bytes, now: int) -> Command:
     )
 
 
+def _looks_like_json(payload: bytes) -> bool:
+    """A plain JSON command (``{`` first), as opposed to a compact JWS (base64url first)."""
+    return payload.lstrip(b" \t\r\n")[:1] == b"{"
+
+
 def _shown(number: float) -> str:
     """A number as a reason quotes it: never hundreds of digits, whatever was sent."""
     text = str(number)
@@ -286,7 +301,48 @@ class BusRunner(Protocol):
 
 
 AckSink = Callable[[Mapping[str, Any]], None]
-EventSink = Callable[[str, str | None, str, Mapping[str, Any]], None]
+
+
+class EventSink(Protocol):
+    """Where events go (``Pipeline.event``)."""
+
+    def __call__(
+        self,
+        kind: str,
+        device: str | None,
+        state: str,
+        detail: Mapping[str, Any],
+        severity: str | None = None,
+    ) -> None: ...
+
+
+ClockSource = Callable[[], Awaitable[ClockState]]
+
+
+class CachedClockState:
+    """:func:`agent.jws.read_clock_state`, asked at most once per :data:`CLOCK_STATE_CACHE_S`."""
+
+    def __init__(self, source: ClockSource = read_clock_state) -> None:
+        self._source = source
+        self._state: ClockState | None = None
+        self._asked_at = 0.0
+
+    async def __call__(self) -> ClockState:
+        now = asyncio.get_running_loop().time()
+        if self._state is None or now - self._asked_at >= CLOCK_STATE_CACHE_S:
+            self._state = await self._source()
+            self._asked_at = now
+        return self._state
+
+
+def fixed_clock_state(synchronized: bool) -> ClockSource:
+    """A clock source that always gives the same answer (``[commands] clock_synchronized``)."""
+    state = ClockState(synchronized, "configuration")
+
+    async def source() -> ClockState:
+        return state
+
+    return source
 
 
 class CommandService:
@@ -300,7 +356,19 @@ class CommandService:
         store: CommandStore,
         acks: AckSink,
         events: EventSink,
+        *,
+        verifier: CommandVerifier | None = None,
+        allow_unsigned: bool = False,
+        clock: ClockSource | None = None,
     ) -> None:
+        """``verifier`` checks signed commands (None: no control-post key is enrolled, so every
+        signed command is refused as ``unknown_key``); ``allow_unsigned`` also takes plain JSON
+        commands (demo benches only); ``clock`` says whether the gateway clock is synchronised
+        (default: systemd, cached)."""
+        self._verifier = verifier
+        self._allow_unsigned = allow_unsigned
+        self._clock = clock or CachedClockState()
+        self._clock_warnings: dict[str, str] = {}
         self._devices = devices
         self._groups = groups
         self._runner = runner
@@ -319,6 +387,23 @@ class CommandService:
         in a task this service owns.
         """
         now = now_ms()
+        if _looks_like_json(payload):
+            if not self._allow_unsigned:
+                self._reject(
+                    Rejected(
+                        "unsigned",
+                        "unsigned command refused: commands must be compact JWS tokens signed by "
+                        "an enrolled control-post key ([commands] allow_unsigned is off)",
+                    ),
+                    security=True,
+                    authenticated=False,
+                )
+                return
+        else:
+            verified = await self._verify(payload, now)
+            if verified is None:
+                return
+            payload, now = verified
         try:
             command = parse_command(payload, now)
             previous = await self._duplicate_of(command.id)
@@ -339,6 +424,45 @@ class CommandService:
         task = asyncio.create_task(self._execute(command, steps), name=f"cmd-{command.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _verify(self, token: bytes, now: int) -> tuple[bytes, int] | None:
+        """The body and reference time of a verified token, or None once it was rejected."""
+        if self._verifier is None:
+            self._reject(
+                Rejected(
+                    "unknown_key",
+                    "no control-post key is enrolled on this gateway (post-*.pub in the key "
+                    "folder): no signed command can be accepted",
+                ),
+                security=True,
+                authenticated=False,
+            )
+            return None
+        try:
+            verified = await self._verifier.verify(token, now_ms=now, clock=await self._clock())
+        except CommandRejected as exc:
+            self._reject(
+                Rejected(exc.code.value, exc.reason, exc.command_id),
+                security=True,
+                authenticated=exc.authenticated,
+            )
+            return None
+        if verified.clock_warning is not None:
+            log.warning("command %s: %s", verified.jti, verified.clock_warning)
+            self._clock_warnings[verified.jti] = verified.clock_warning
+            self._events(
+                "security",
+                None,
+                "info",
+                {
+                    "what": "clock_unsynchronized",
+                    "id": verified.jti,
+                    "kid": verified.kid,
+                    "warning": verified.clock_warning,
+                },
+                severity="warning",
+            )
+        return verified.body_json(), verified.reference_time_ms
 
     async def close(self) -> None:
         """Wait briefly for commands in flight, then cancel them."""
@@ -392,7 +516,12 @@ class CommandService:
             raise Rejected("unsupported", _nothing_to_do(command), command.id)
         return steps
 
-    def _reject(self, rejection: Rejected) -> None:
+    def _reject(
+        self, rejection: Rejected, *, security: bool = False, authenticated: bool = True
+    ) -> None:
+        """Answer a refused command with a ``rejected`` ack and an event. ``security``: refused
+        by the signature checks (a ``security`` event, an alarm when the token was not even
+        authentic); otherwise by the spine's checks (a ``command_rejected`` event)."""
         self.rejected += 1
         log.warning(
             "command %s rejected (%s): %s", rejection.command_id, rejection.code, rejection.reason
@@ -406,13 +535,24 @@ class CommandService:
         original = rejection.__cause__
         if isinstance(original, _Original):
             body["original"] = original.ack
+        self._with_clock_warning(body)
         self._acks(body)
-        self._events(
-            "command_rejected",
-            None,
-            "info",
-            {"id": rejection.command_id, "code": rejection.code, "reason": rejection.reason},
-        )
+        detail = {"id": rejection.command_id, "code": rejection.code, "reason": rejection.reason}
+        if security:
+            self._events(
+                "security",
+                None,
+                "raised",
+                {"what": "command_rejected", **detail, "authenticated": authenticated},
+                severity="warning" if authenticated else "alarm",
+            )
+        else:
+            self._events("command_rejected", None, "info", detail)
+
+    def _with_clock_warning(self, body: dict[str, Any]) -> None:
+        command_id = body.get("id")
+        if isinstance(command_id, str) and command_id in self._clock_warnings:
+            body["clock_warning"] = self._clock_warnings.pop(command_id)
 
     # --------------------------------------------------------------- execution
     async def _execute(self, command: Command, steps: list[_Step]) -> None:
@@ -446,6 +586,7 @@ class CommandService:
         body["results"] = ordered
         if command.fade_s is not None:
             body["fade_s"] = command.fade_s
+        self._with_clock_warning(body)
         self._in_progress.discard(command.id)
         try:
             await self._store.remember_command(
@@ -724,6 +865,4 @@ def _same_value(requested: WriteValue, actual: Value) -> bool:
         actual = int(actual)  # a number was written, a bit reads back: 1 is true
     if isinstance(requested, int) and isinstance(actual, int):
         return requested == actual
-    return math.isclose(
-        actual, requested, rel_tol=VALUE_REL_TOLERANCE, abs_tol=VALUE_ABS_TOLERANCE
-    )
+    return math.isclose(actual, requested, rel_tol=VALUE_REL_TOLERANCE, abs_tol=VALUE_ABS_TOLERANCE)

@@ -279,8 +279,58 @@ HUB_SPEC: Final = TableSpec(
             "network in clear. For test benches, never for production.",
             default=False,
         ),
+        Field(
+            "seal",
+            Kind.STR,
+            "How readings and events leave the gateway: hpke seals each batch for the hub alone "
+            "and signs it with the gateway key ([keys], docs/envelope.md); none publishes plain "
+            "JSON, only for a hub that cannot open envelopes (the broker then reads everything).",
+            default="hpke",
+            choices=("hpke", "none"),
+        ),
+        Field(
+            "receipts",
+            Kind.BOOL,
+            "Keep each sealed batch and event in the buffer until the hub's signed receipt "
+            "covers it, not just until the broker's PUBACK; the hub's receipt-*.pub must be in "
+            "the key folder.",
+            default=False,
+        ),
+        Field(
+            "receipt_timeout_s",
+            Kind.FLOAT,
+            "With receipts: a record the broker took but no receipt covered after this long is "
+            "sent again (the hub drops the duplicate and receipts it).",
+            default=120.0,
+            minimum=0.0,
+            exclusive_minimum=True,
+        ),
     ),
     requires=(("password_file", "username"),),
+)
+
+COMMANDS_SPEC: Final = TableSpec(
+    "commands",
+    "Remote commands from the control post (docs/command-signing.md).",
+    (
+        Field(
+            "allow_unsigned",
+            Kind.BOOL,
+            "Also accept plain JSON commands, not signed by a control-post key: anyone who can "
+            "publish on the cmd topic then commands the lamps. Demo benches only.",
+            default=False,
+        ),
+        Field(
+            "clock_synchronized",
+            Kind.STR,
+            "Whether the gateway clock can be trusted for the time window of signed commands: "
+            "auto asks systemd (timedatectl NTPSynchronized, any failure counts as no); yes "
+            "where time is kept some other way; no always applies the strict ordering rule "
+            "of docs/command-signing.md.",
+            default="auto",
+            choices=("auto", "yes", "no"),
+        ),
+    ),
 )
 
 BUFFER_SPEC: Final = TableSpec(
@@ -441,6 +491,9 @@ CONFIG_SPEC: Final = TableSpec(
         Field("buffer", Kind.TABLE, BUFFER_SPEC.description, default=None, table=BUFFER_SPEC),
         Field("keys", Kind.TABLE, KEYS_SPEC.description, default=None, table=KEYS_SPEC),
         Field(
+            "commands", Kind.TABLE, COMMANDS_SPEC.description, default=None, table=COMMANDS_SPEC
+        ),
+        Field(
             "buses",
             Kind.MAP,
             "Buses by id.",
@@ -576,6 +629,10 @@ class HubConfig:
     mqtt: MqttSettings
     prefix: str
     max_inflight: int
+    seal: bool = True
+    """Seal readings and events (``seal = "hpke"``); False only for ``seal = "none"``."""
+    receipts: bool = False
+    receipt_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -623,6 +680,10 @@ class GatewayConfig:
     """Switched circuits by name, each with the devices it feeds."""
     keys: KeysConfig = field(default_factory=lambda: KeysConfig(dir=Path("keys")))
     """The key folder and the choice of hub key and suite."""
+    allow_unsigned_commands: bool = False
+    """``[commands] allow_unsigned``: plain JSON commands accepted too (demo benches only)."""
+    clock_synchronized: bool | None = None
+    """``[commands] clock_synchronized``: None asks systemd, else the configured answer."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,6 +879,7 @@ class _Loader:
         hub = self.section(root, "hub", HUB_SPEC)
         buffer = self.section(root, "buffer", BUFFER_SPEC)
         keys = self.section(root, "keys", KEYS_SPEC)
+        commands = self.section(root, "commands", COMMANDS_SPEC)
         buses, bus_classes = self.buses(root)
         profile_dirs = gateway.values.get("profile_dirs", ["profiles"])
         devices, device_ids = self.devices(root, buses, bus_classes, profile_dirs)
@@ -841,6 +903,10 @@ class _Loader:
             drivers=MappingProxyType({k: v for k, v in drivers.items() if v is not None}),
             circuits=MappingProxyType(circuits),
             keys=keys_config or KeysConfig(dir=self.resolve("keys")),
+            allow_unsigned_commands=bool(commands.values.get("allow_unsigned", False)),
+            clock_synchronized={"yes": True, "no": False}.get(
+                commands.values.get("clock_synchronized", "auto")
+            ),
         )
 
     def in_file_order(self) -> list[ConfigError]:
@@ -922,7 +988,14 @@ class _Loader:
             password_file=password_file,
             tls=tls,
         )
-        return HubConfig(mqtt=mqtt, prefix=values["prefix"], max_inflight=values["max_inflight"])
+        return HubConfig(
+            mqtt=mqtt,
+            prefix=values["prefix"],
+            max_inflight=values["max_inflight"],
+            seal=values.get("seal", "hpke") == "hpke",
+            receipts=bool(values.get("receipts", False)),
+            receipt_timeout_s=float(values.get("receipt_timeout_s", 120.0)),
+        )
 
     def buffer(self, buffer: _Section) -> BufferConfig | None:
         values, table = buffer.values, buffer.table

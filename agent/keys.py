@@ -79,6 +79,7 @@ __all__ = [
     "RECEIPT_SIGNING_KEY_FILE",
     "SIGNING_KEY_FILE",
     "SIGNING_PUBLIC_FILE",
+    "AgentKeys",
     "KeyFileError",
     "KeySetupError",
     "WipedFile",
@@ -94,6 +95,7 @@ __all__ = [
     "erase_targets",
     "generate_hub_keypair",
     "hub_key_files",
+    "load_agent_keys",
     "load_ed25519_private_key",
     "load_ed25519_public_keys",
     "load_enrolled_gateway_keys",
@@ -552,6 +554,51 @@ def load_sealer(gateway_id: str, keys: KeysConfig) -> Sealer:
         load_hub_public_keys(hub_key_files(keys)), keys.current_hub_key, keys.suite
     )
     return Sealer(gateway_id, hub_key, signer, suite.name)
+
+
+@dataclass(frozen=True)
+class AgentKeys:
+    """What the running agent holds, loaded once at start-up by :func:`load_agent_keys`."""
+
+    signer: GatewaySigner | None
+    """Signs envelopes and acks; None only when neither sealing nor signed commands are on and
+    ``lampyre keys init`` was never run (plain JSON everywhere: a demo bench)."""
+    sealer: Sealer | None
+    """None with ``seal = "none"``."""
+    post_keys: Mapping[str, Ed25519PublicKey]
+    """Trusted control-post keys by key id (may be empty: every signed command is refused)."""
+    receipt_keys: Mapping[str, Ed25519PublicKey]
+    """The hub's receipt-signing keys (needed with receipts)."""
+
+
+def load_agent_keys(
+    gateway_id: str,
+    keys: KeysConfig,
+    *,
+    seal: bool,
+    signed_commands_only: bool,
+    receipts: bool,
+) -> AgentKeys:
+    """Every key the agent needs, checked; blocking. :class:`KeySetupError` or
+    :class:`KeyFileError` with the reason when one is missing or refused (start-up stops).
+
+    The signing key is required when readings are sealed or commands must be signed (the acks
+    are then signed too); otherwise it is used if present."""
+    sealer = load_sealer(gateway_id, keys) if seal else None
+    if sealer is not None:
+        signer: GatewaySigner | None = sealer.signer
+    elif signed_commands_only or (keys.dir / SIGNING_KEY_FILE).exists():
+        signer = load_gateway_signer(keys.dir)
+    else:
+        signer = None
+    post_keys = load_post_public_keys(keys.dir)
+    receipt_keys = load_receipt_public_keys(keys.dir) if receipts else {}
+    if receipts and not receipt_keys:
+        raise KeySetupError(
+            f"hub.receipts is on but {keys.dir} holds no receipt-*.pub: copy the hub's "
+            "receipt-signing public key there (lampyre keys hub-init makes one for a test hub)"
+        )
+    return AgentKeys(signer, sealer, post_keys, receipt_keys)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Readings are batched (by count or by age); events and command acks are written at once on their
 own lanes. Every payload is built knowing its buffer sequence number, so the hub can drop the
 duplicates that at-least-once delivery produces.
+
+With a :class:`~agent.envelope.Sealer`, each batch and each event is sealed for the hub and
+signed when it is built, before it reaches the buffer: the buffer only ever holds envelopes the
+gateway cannot open again. Acks are signed with the gateway key (compact JWS) and stay readable
+by the control post, which holds no hub key.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from agent.buffer import Lane
+from agent.envelope import GatewaySigner, Sealer
+from agent.jws import sign_ack
 from agent.sdk import Reading, now_ms
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,17 @@ def _dumps(document: Mapping[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None (strict JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def reading_json(reading: Reading) -> dict[str, Any]:
     return {
         "device": reading.device,
@@ -77,8 +96,12 @@ class Pipeline:
         batch_max_readings: int,
         batch_max_delay_s: float,
         on_stored: Callable[[], None] = lambda: None,
+        sealer: Sealer | None = None,
+        ack_signer: GatewaySigner | None = None,
     ) -> None:
         self.gateway_id = gateway_id
+        self._sealer = sealer
+        self._ack_signer = ack_signer
         self._buffer = buffer
         self._batch_max = batch_max_readings
         self._delay_s = batch_max_delay_s
@@ -139,14 +162,14 @@ class Pipeline:
             "detail": dict(detail),
         }
         log.info("event %s %s device=%s %s", kind, state, device, dict(detail))
-        self._urgent.append((Lane.ALARM, "event", self._with_seq(body)))
+        self._urgent.append((Lane.ALARM, "event", self._event_payload(body)))
         self.events_out += 1
         self._wake.set()
 
     def ack(self, body: Mapping[str, Any]) -> None:
         """Queue a command acknowledgement (ack lane)."""
         document = {"v": PAYLOAD_VERSION, "gateway": self.gateway_id, "ts": now_ms(), **body}
-        self._urgent.append((Lane.ACK, "ack", self._with_seq(document)))
+        self._urgent.append((Lane.ACK, "ack", self._ack_payload(document)))
         self._wake.set()
 
     def backlog(self) -> int:
@@ -226,9 +249,12 @@ class Pipeline:
     def _batch(self, readings: Sequence[Reading]) -> Callable[[int], bytes]:
         batch_id = uuid.uuid4().hex
         rendered = [reading_json(r) for r in readings]
+        sealer = self._sealer
+        t_first = min(r.ts_ms for r in readings)
+        t_last = max(r.ts_ms for r in readings)
 
         def make(seq: int) -> bytes:
-            return _dumps(
+            body = _dumps(
                 {
                     "v": PAYLOAD_VERSION,
                     "gateway": self.gateway_id,
@@ -237,12 +263,33 @@ class Pipeline:
                     "readings": rendered,
                 }
             )
+            if sealer is None:
+                return body
+            return sealer.seal("data", seq, seq, t_first, t_last, body)
 
         return make
 
-    @staticmethod
-    def _with_seq(body: Mapping[str, Any]) -> Callable[[int], bytes]:
+    def _event_payload(self, body: Mapping[str, Any]) -> Callable[[int], bytes]:
+        sealer = self._sealer
+        ts = int(body["ts"])
+
         def make(seq: int) -> bytes:
-            return _dumps({**body, "seq": seq})
+            plain = _dumps({**body, "seq": seq})
+            if sealer is None:
+                return plain
+            return sealer.seal("event", seq, seq, ts, ts, plain)
+
+        return make
+
+    def _ack_payload(self, body: Mapping[str, Any]) -> Callable[[int], bytes]:
+        signer = self._ack_signer
+
+        def make(seq: int) -> bytes:
+            document = {**body, "seq": seq}
+            if signer is None:
+                return _dumps(document)
+            # JWS payloads are strict JSON: a NaN read back from a device becomes null, or
+            # the record could never be built (and would block the lane).
+            return sign_ack(_json_safe(document), signer, signer.skid).encode("ascii")
 
         return make

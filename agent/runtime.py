@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agent.buffer import Buffer, BufferStats, DropReport
-from agent.commands import CommandService
+from agent.commands import CachedClockState, CommandService, fixed_clock_state
 from agent.config import Circuit, GatewayConfig
 from agent.crypto import RecordCipher, load_or_create_key
+from agent.jws import CommandTableReplayStore, CommandVerifier
+from agent.keys import AgentKeys, load_agent_keys
 from agent.pipeline import Pipeline
 from agent.scheduler import BusWorker, DeviceState, Priority
 from agent.sdk import DeviceSpec, Driver, PointRole, Quality, Reading, now_ms
-from agent.uplink import Uplink, UplinkStats
+from agent.uplink import ReceiptSettings, Uplink, UplinkStats
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +147,25 @@ class Agent:
 
     async def run(self) -> None:
         config = self.config
+        keys = await asyncio.to_thread(
+            load_agent_keys,
+            config.gateway_id,
+            config.keys,
+            seal=config.hub.seal,
+            signed_commands_only=not config.allow_unsigned_commands,
+            receipts=config.hub.receipts,
+        )
+        _log_key_setup(config, keys)
         key = await asyncio.to_thread(load_or_create_key, config.buffer.key_file)
         buffer = Buffer(config.buffer.path, RecordCipher(key), config.buffer.max_bytes)
         await buffer.open()
         self.buffer = buffer
         try:
-            await self._run_with(buffer)
+            await self._run_with(buffer, keys)
         finally:
             await buffer.close()
 
-    async def _run_with(self, buffer: Buffer) -> None:
+    async def _run_with(self, buffer: Buffer, keys: AgentKeys) -> None:
         config = self.config
         uplink_box: list[Uplink] = []
         pipeline = Pipeline(
@@ -163,6 +174,8 @@ class Agent:
             batch_max_readings=config.buffer.batch_max_readings,
             batch_max_delay_s=config.buffer.batch_max_delay_s,
             on_stored=lambda: uplink_box[0].notify() if uplink_box else None,
+            sealer=keys.sealer,
+            ack_signer=keys.signer,
         )
         self.pipeline = pipeline
         buffer.on_drop(lambda report: _report_drop(pipeline, report))
@@ -192,6 +205,21 @@ class Agent:
             buffer,
             pipeline.ack,
             pipeline.event,
+            verifier=(
+                CommandVerifier(
+                    keys=keys.post_keys,
+                    audience=config.gateway_id,
+                    replay=CommandTableReplayStore(buffer),
+                )
+                if keys.post_keys
+                else None
+            ),
+            allow_unsigned=config.allow_unsigned_commands,
+            clock=(
+                CachedClockState()
+                if config.clock_synchronized is None
+                else fixed_clock_state(config.clock_synchronized)
+            ),
         )
         self.commands = commands
         uplink = Uplink(
@@ -201,6 +229,11 @@ class Agent:
             buffer=buffer,
             on_command=commands.handle,
             max_inflight=config.hub.max_inflight,
+            receipts=(
+                ReceiptSettings(keys.receipt_keys, config.hub.receipt_timeout_s)
+                if config.hub.receipts
+                else None
+            ),
         )
         uplink_box.append(uplink)
         self.uplink = uplink
@@ -257,6 +290,34 @@ class _CommandRunner:
 
     async def run_on_bus(self, bus: str, job: Callable[[Driver], Awaitable[T]]) -> T:
         return await self._workers[bus].submit(Priority.COMMAND, job)
+
+
+def _log_key_setup(config: GatewayConfig, keys: AgentKeys) -> None:
+    """Say once, at start, what protects what: the operator must not have to guess."""
+    if keys.sealer is not None:
+        log.info(
+            "readings sealed to hub key %s (%s), signed by gateway key %s",
+            keys.sealer.hub_key.kid,
+            keys.sealer.suite.name,
+            keys.sealer.signer.skid,
+        )
+    else:
+        log.warning(
+            'hub.seal = "none": readings and events are published as plain JSON, readable by '
+            "the broker and anyone it serves"
+        )
+    if config.allow_unsigned_commands:
+        log.warning(
+            "commands.allow_unsigned = true: anyone who can publish on the cmd topic commands "
+            "the lamps (demo benches only)"
+        )
+    if not keys.post_keys:
+        log.warning(
+            "no control-post key (post-*.pub) in %s: every signed command will be refused",
+            config.keys.dir,
+        )
+    else:
+        log.info("control-post keys trusted: %s", ", ".join(sorted(keys.post_keys)))
 
 
 def _report_drop(pipeline: Pipeline, report: DropReport) -> None:

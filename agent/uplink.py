@@ -5,6 +5,10 @@ Contract with the buffer (at-least-once): a record leaves the buffer only after 
 answered its PUBLISH with a success PUBACK. Records in flight when a connection drops are simply
 forgotten here; they are still in the buffer and go again after the reconnect, so the hub may see
 a record twice and drops duplicates by seq.
+
+With hub receipts (``[hub] receipts``), a PUBACK is not enough for readings and events: they
+stay in the buffer until a receipt signed by the hub covers their seq, and go again when none
+did within ``receipt_timeout_s``. Acks still leave at the PUBACK (the control post reads them).
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 import agent
 from agent.backoff import backoff_delay_s
+from agent.jws import ReceiptRejected, verify_receipt
 from agent.mqtt import (
     CONNECT_TIMEOUT_S,
     Message,
@@ -98,6 +105,24 @@ class RecordSource(Protocol):
         """Delete records the broker acknowledged."""
         ...
 
+    async def ack_ranges(
+        self, ranges: Sequence[tuple[int, int]], topics: Collection[str]
+    ) -> list[int]:
+        """Delete the records of ``topics`` whose seq a hub receipt covers."""
+        ...
+
+
+RECEIPTED_TOPICS = ("data", "event")
+"""What hub receipts cover: the sealed streams the hub stores."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptSettings:
+    """Hub receipts: the hub's receipt-signing keys, and how long to wait for a receipt."""
+
+    keys: Mapping[str, Ed25519PublicKey]
+    timeout_s: float = 120.0
+
 
 UplinkState = Literal["connecting", "online", "offline"]
 
@@ -118,6 +143,14 @@ class UplinkStats:
     """Connections established after the first one."""
     inflight: int = 0
     last_error: str | None = None
+    awaiting_receipt: int = 0
+    """Records the broker took that no hub receipt has covered yet (receipts mode)."""
+    receipts: int = 0
+    """Valid hub receipts received."""
+    receipts_refused: int = 0
+    """Messages on the receipt topic that did not verify (ignored)."""
+    receipt_timeouts: int = 0
+    """Records sent again because no receipt covered them in time."""
 
 
 class _Flight:
@@ -146,6 +179,7 @@ class Uplink:
         buffer: RecordSource,
         on_command: Callable[[bytes], Awaitable[None]],
         max_inflight: int = 64,
+        receipts: ReceiptSettings | None = None,
     ) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
@@ -158,6 +192,10 @@ class Uplink:
         self.topic_base = base
         self.status_topic = f"{base}/status"
         self.cmd_topic = f"{base}/cmd"
+        self.receipt_topic = f"{base}/receipt"
+        self.receipts = receipts
+        self._awaiting: dict[int, float] = {}
+        """Receipts mode: seq -> when to send it again if no receipt covered it."""
         self._wake = asyncio.Event()
         self._stats = UplinkStats()
         self._session: MqttSession | None = None
@@ -177,7 +215,9 @@ class Uplink:
         """A copy of the counters, taken now."""
         flight = self._flight
         inflight = len(flight.inflight) if flight is not None and self._session else 0
-        return dataclasses.replace(self._stats, inflight=inflight)
+        return dataclasses.replace(
+            self._stats, inflight=inflight, awaiting_receipt=len(self._awaiting)
+        )
 
     async def run(self) -> None:
         """Connect, forward, reconnect, until cancelled."""
@@ -288,6 +328,13 @@ class Uplink:
                 # Readings still matter without commands; the operator must fix the broker ACL.
                 logger.error("no commands will be received: %s", exc)  # noqa: TRY400
                 self._stats.last_error = str(exc)
+            if self.receipts is not None:
+                try:
+                    await session.subscribe(self.receipt_topic, qos=1)
+                except SubscribeRejected as exc:
+                    # Records then stay until receipt_timeout_s and go again: never lost.
+                    logger.error("no hub receipts will be received: %s", exc)  # noqa: TRY400
+                    self._stats.last_error = str(exc)
         self._stats.state = "online"
         self._stats.connected_since_ms = now_ms()
         logger.info("uplink online: %s (window %s)", self.topic_base, session.window)
@@ -338,6 +385,19 @@ class Uplink:
                 if until <= now:
                     del self._held[seq]
             excluded.update(self._held)
+        if self._awaiting:
+            now = time.monotonic()
+            expired = [seq for seq, until in self._awaiting.items() if until <= now]
+            for seq in expired:
+                del self._awaiting[seq]
+            if expired:
+                self._stats.receipt_timeouts += len(expired)
+                logger.info(
+                    "no hub receipt for %d record(s) within %s s: sending them again",
+                    len(expired),
+                    self.receipts.timeout_s if self.receipts else "?",
+                )
+            excluded.update(self._awaiting)
         return excluded
 
     def _send(self, session: MqttSession, flight: _Flight, record: RecordLike) -> bool:
@@ -362,10 +422,14 @@ class Uplink:
             return
         exc = future.exception()
         if exc is None:
+            self._stats.acked += 1
+            if self.receipts is not None and topic in RECEIPTED_TOPICS:
+                # Kept in the buffer until the hub's receipt (or sent again after the timeout).
+                self._awaiting[seq] = time.monotonic() + self.receipts.timeout_s
+                return
             if not flight.acked:
                 flight.first_ack_at = time.monotonic()
             flight.acked.append(seq)
-            self._stats.acked += 1
         elif isinstance(exc, PublishRejected):
             self._held[seq] = time.monotonic() + REJECT_RETRY_S
             self._stats.rejected += 1
@@ -415,6 +479,9 @@ class Uplink:
 
     # Commands --------------------------------------------------------------------------
     async def _handle_message(self, message: Message) -> None:
+        if message.topic == self.receipt_topic and self.receipts is not None:
+            await self._handle_receipt(message.payload)
+            return
         if message.topic != self.cmd_topic:
             logger.debug("ignoring MQTT message on unexpected topic %s", message.topic)
             return
@@ -424,6 +491,37 @@ class Uplink:
             # Acknowledged anyway (by the session, after we return): a command that breaks the
             # handler must not be redelivered forever.
             logger.exception("command handler failed on a %s-byte command", len(message.payload))
+
+    async def _handle_receipt(self, payload: bytes) -> None:
+        assert self.receipts is not None
+        try:
+            receipt = verify_receipt(payload, keys=self.receipts.keys, gateway=self.gateway_id)
+        except ReceiptRejected as exc:
+            # Anyone allowed to publish there could try; nothing is deleted on their word.
+            self._stats.receipts_refused += 1
+            logger.warning("ignored a message on %s: %s", self.receipt_topic, exc.reason)
+            return
+        try:
+            deleted = await self.buffer.ack_ranges(receipt.ranges, RECEIPTED_TOPICS)
+        except Exception:
+            # The records stay and go again after the timeout: a duplicate, never a loss.
+            logger.exception("could not delete the records of a hub receipt from the buffer")
+            return
+        for first, last in receipt.ranges:
+            if last - first < len(self._awaiting):
+                for seq in range(first, last + 1):
+                    self._awaiting.pop(seq, None)
+            else:
+                for seq in [s for s in self._awaiting if first <= s <= last]:
+                    del self._awaiting[seq]
+        self._stats.receipts += 1
+        logger.debug(
+            "hub receipt (key %s) up to seq %d: %d record(s) deleted",
+            receipt.kid,
+            receipt.seq,
+            len(deleted),
+        )
+        self._wake.set()
 
     # Shutdown --------------------------------------------------------------------------
     async def _shutdown(self, session: MqttSession) -> None:

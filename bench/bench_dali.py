@@ -82,15 +82,35 @@ class LineThread:
 
 def write_config(directory: Path, pty: str, gear: int, broker_port: int) -> Path:
     lines = [
-        "[gateway]", 'id = "bench-dali"', f'profile_dirs = ["{REPO / "config" / "profiles"}"]', "",
-        "[hub]", 'host = "127.0.0.1"', f"port = {broker_port}", "",
-        "[buffer]", 'path = "buffer.db"', "",
-        "[buses.dali-1]", 'driver = "dali"', "interface = \"foxtron\"", f'device = "{pty}"', "",
+        "[gateway]",
+        'id = "bench-dali"',
+        f'profile_dirs = ["{REPO / "config" / "profiles"}"]',
+        "",
+        "[hub]",
+        'host = "127.0.0.1"',
+        f"port = {broker_port}",
+        'seal = "none"',
+        "",
+        "[commands]",
+        "allow_unsigned = true",
+        "",
+        "[buffer]",
+        'path = "buffer.db"',
+        "",
+        "[buses.dali-1]",
+        'driver = "dali"',
+        'interface = "foxtron"',
+        f'device = "{pty}"',
+        "",
     ]
     for address in range(gear):
         lines += [
-            f"[devices.lamp-{address}]", 'bus = "dali-1"', 'profile = "dali-d4i-led"',
-            f"address = {address}", "poll_interval_s = 1.0", "",
+            f"[devices.lamp-{address}]",
+            'bus = "dali-1"',
+            'profile = "dali-d4i-led"',
+            f"address = {address}",
+            "poll_interval_s = 1.0",
+            "",
         ]
     path = directory / "bench.toml"
     path.write_text("\n".join(lines))
@@ -128,8 +148,11 @@ async def run(args: argparse.Namespace, broker_port: int, tmp: Path) -> None:
             command_id = f"bench-{n}"
             level = 30 if n % 2 else 70
             document = {
-                "id": command_id, "action": "dim", "target": {"device": f"lamp-{address}"},
-                "level": level, "expires": int(time.time() * 1000) + 60_000,
+                "id": command_id,
+                "action": "dim",
+                "target": {"device": f"lamp-{address}"},
+                "level": level,
+                "expires": int(time.time() * 1000) + 60_000,
             }
             started = time.monotonic()
             await post.publish("lampyre/v1/bench-dali/cmd", json.dumps(document).encode())
@@ -144,7 +167,8 @@ async def run(args: argparse.Namespace, broker_port: int, tmp: Path) -> None:
         for command_id, address, started in sent:
             frame_address = address << 1  # DAPC: short address, selector bit 0
             dapc = [
-                r.started_at for r in history
+                r.started_at
+                for r in history
                 if r.kind == "dapc" and r.frame >> 8 == frame_address and r.started_at >= started
             ]
             if dapc:

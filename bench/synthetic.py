@@ -67,8 +67,10 @@ def write_synthetic_config(
     poll_interval_s: float,
     batch_max_readings: int = 200,
     max_inflight: int = 64,
+    sealed: bool = False,
 ) -> Path:
-    """A gateway with ``devices`` synthetic devices of ``points`` points each."""
+    """A gateway with ``devices`` synthetic devices of ``points`` points each. ``sealed``: the
+    production default (the caller puts the keys in ``directory/keys``); else plain JSON."""
     profiles = directory / "profiles"
     profiles.mkdir(parents=True, exist_ok=True)
     profile = ["[profile]", 'name = "synthetic"', 'driver = "synthetic"', ""]
@@ -84,6 +86,7 @@ def write_synthetic_config(
         'host = "127.0.0.1"',
         f"port = {broker_port}",
         f"max_inflight = {max_inflight}",
+        *([] if sealed else ['seal = "none"', "", "[commands]", "allow_unsigned = true"]),
         "",
         "[buffer]",
         'path = "buffer.db"',

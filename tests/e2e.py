@@ -19,6 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 PROFILES = REPO / "config" / "profiles"
 SCHEMAS = REPO / "config" / "schema" / "hub"
 PREFIX = "lampyre/v1"
+PLAIN_HUB = ['seal = "none"  # the broker reads payloads: tests look at them directly']
+"""Lines for ``[hub]``: plain JSON readings (the sealed path is tested in test_security_*)."""
+PLAIN_COMMANDS = ["[commands]", "allow_unsigned = true  # demo-style plain JSON commands", ""]
+"""The ``[commands]`` table of a test that sends plain JSON commands."""
 
 
 def write_config(
@@ -34,9 +38,14 @@ def write_config(
     extra: str = "",
     rtu_device: str | None = None,
     buffer_extra: str = "",
+    sealed: bool = False,
 ) -> Path:
     """A gateway configuration for the simulated cabinet, with short timings for tests: one
-    Modbus line, over TCP to ``sim_port`` or over RTU through the pty ``rtu_device``."""
+    Modbus line, over TCP to ``sim_port`` or over RTU through the pty ``rtu_device``.
+
+    Not ``sealed`` (the spine's tests): plain JSON payloads and unsigned commands, switched on
+    explicitly. ``sealed``: the production defaults, with the key folder ``keys`` next to the
+    file (the test makes the keys)."""
     lines = [
         "[gateway]",
         f'id = "{gateway}"',
@@ -46,6 +55,7 @@ def write_config(
         'host = "127.0.0.1"',
         f"port = {broker_port}",
         "keepalive_s = 5",
+        *([] if sealed else PLAIN_HUB),
         "",
         "[buffer]",
         'path = "buffer.db"',
@@ -83,7 +93,10 @@ def write_config(
         ]
     lamp_ids = ", ".join(f'"lamp-{u}"' for u in range(1, lamps + 1))
     even = ", ".join(f'"lamp-{u}"' for u in range(2, lamps + 1, 2))
-    lines += ["[groups]", f"street = [{lamp_ids}]", f"even = [{even}]", "", extra]
+    lines += ["[groups]", f"street = [{lamp_ids}]", f"even = [{even}]", ""]
+    if not sealed:
+        lines += PLAIN_COMMANDS
+    lines.append(extra)
     path = directory / "gateway.toml"
     path.write_text("\n".join(lines))
     return path

@@ -16,7 +16,7 @@ from cryptography import x509
 from agent.sdk import Reading
 from drivers.opcua.security import TrustList, ensure_client_certificate
 from firmware_sim.opcua import CabinetSimulator
-from tests.e2e import PROFILES
+from tests.e2e import PLAIN_COMMANDS, PLAIN_HUB, PROFILES
 
 BUS = "plc"
 CLIENT_URI = "urn:lampyre:test:gateway"
@@ -71,12 +71,14 @@ def write_config(
         'host = "127.0.0.1"',
         f"port = {broker_port}",
         "keepalive_s = 5",
+        *PLAIN_HUB,
         "",
         "[buffer]",
         'path = "buffer.db"',
         "batch_max_delay_s = 0.1",
         "batch_max_readings = 200",
         "",
+        *PLAIN_COMMANDS,
         f"[buses.{BUS}]",
         *(f"{key} = {toml_value(value)}" for key, value in bus_keys.items() if value is not None),
         "",

@@ -29,7 +29,7 @@ from drivers.ble.driver import BleDriver
 from firmware_sim.ble import MockBluez
 from firmware_sim.ble.bluez import Advertisement as SimAdvert
 from firmware_sim.ble.sensors import SensorFleet, SimulatedSensor, make_sensor
-from tests.e2e import PREFIX, PROFILES, events, payloads, validator
+from tests.e2e import PLAIN_COMMANDS, PLAIN_HUB, PREFIX, PROFILES, events, payloads, validator
 from tests.opcua_site import RecordingContext, Waiter, toml_value
 from tests.support.bluez import BluezFactory
 from tests.support.mosquitto import MosquittoBroker, Received, Subscriber
@@ -77,11 +77,13 @@ def write_config(
         "[hub]",
         'host = "127.0.0.1"',
         f"port = {broker_port}",
+        *PLAIN_HUB,
         "",
         "[buffer]",
         'path = "buffer.db"',
         "batch_max_delay_s = 0.1",
         "",
+        *PLAIN_COMMANDS,
         "[buses.ble]",
         'driver = "ble"',
         *(f"{k} = {toml_value(v)}" for k, v in (bus or {}).items()),

@@ -18,10 +18,12 @@ from agent.config import (
     BUFFER_SPEC,
     BUS_SPEC,
     CIRCUIT_SPEC,
+    COMMANDS_SPEC,
     CONFIG_SPEC,
     DEVICE_SPEC,
     GATEWAY_SPEC,
     HUB_SPEC,
+    KEYS_SPEC,
     POINT_SPEC,
     PROFILE_HEAD_SPEC,
     PROFILE_SPEC,
@@ -809,7 +811,7 @@ def _declared_fields(spec: TableSpec) -> list[str]:
 def test_every_declared_key_is_documented() -> None:
     doc = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     specs = [CONFIG_SPEC, GATEWAY_SPEC, HUB_SPEC, TLS_SPEC, BUFFER_SPEC, BUS_SPEC, DEVICE_SPEC]
-    specs += [CIRCUIT_SPEC]
+    specs += [CIRCUIT_SPEC, KEYS_SPEC, COMMANDS_SPEC]
     specs += [PROFILE_SPEC, PROFILE_HEAD_SPEC, POINT_SPEC]
     for spec in specs:
         for name in _declared_fields(spec):

@@ -19,7 +19,18 @@ from drivers.dali import DaliDriver, codec
 from drivers.modbus import ModbusDriver
 from firmware_sim.dali import DaliLine
 from firmware_sim.dali.interfaces import EMULATORS, InterfaceEmulator
-from tests.e2e import PREFIX, PROFILES, Publisher, acks_for, command, events, payloads, validator
+from tests.e2e import (
+    PLAIN_COMMANDS,
+    PLAIN_HUB,
+    PREFIX,
+    PROFILES,
+    Publisher,
+    acks_for,
+    command,
+    events,
+    payloads,
+    validator,
+)
 from tests.support.mosquitto import MosquittoBroker, Received, Subscriber
 
 GATEWAY = "cab-dali"
@@ -40,12 +51,14 @@ def write_config(directory: Path, device: str, broker_port: int) -> Path:
         'host = "127.0.0.1"',
         f"port = {broker_port}",
         "keepalive_s = 5",
+        *PLAIN_HUB,
         "",
         "[buffer]",
         'path = "buffer.db"',
         "batch_max_delay_s = 0.1",
         "batch_max_readings = 50",
         "",
+        *PLAIN_COMMANDS,
         "[buses.dali-1]",
         'driver = "dali"',
         'interface = "foxtron"',
