@@ -1,0 +1,382 @@
+"""End to end with the production security settings: a simulated cabinet, the real agent and a
+real Mosquitto. Readings leave sealed for the hub alone; only commands signed by an enrolled
+control-post key move a lamp; every refusal is a signed ``rejected`` ack plus a security event,
+and nothing reaches the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.config import load_config
+from agent.envelope import MAGIC, HubPrivateKey, open_envelope
+from agent.jws import command_claims, sign_command, verify_ack
+from agent.keys import (
+    create_gateway_signing_key,
+    load_ed25519_private_key,
+    load_hub_private_keys,
+    write_ed25519_keypair,
+    write_hub_keypair,
+)
+from agent.runtime import Agent
+from firmware_sim.modbus import EnergyMeter, LampController, ModbusSimulator
+from tests.e2e import PREFIX, Publisher, write_config
+from tests.support.mosquitto import MosquittoBroker, Received, Subscriber
+
+GATEWAY = "sec-gw"
+BASE = f"{PREFIX}/{GATEWAY}"
+WAIT_S = 15.0
+SETPOINT_REGISTER = 0
+"""The lamp controller's set-point holding register (config/profiles/lamp-controller.toml)."""
+
+
+@dataclass
+class Keys:
+    """Every party's keys, made the way the tools make them."""
+
+    gateway_dir: Path
+    gateway_public: dict[str, Ed25519PublicKey]
+    hub_private: dict[str, HubPrivateKey]
+    post: Ed25519PrivateKey
+    post_kid: str
+    stranger: Ed25519PrivateKey
+    """A post key the gateway never enrolled."""
+    stranger_kid: str
+
+
+def make_keys(root: Path) -> Keys:
+    gateway_dir = root / "keys"
+    gateway_dir.mkdir(mode=0o700)
+    signer, _ = create_gateway_signing_key(gateway_dir)
+    hub_dir = root / "hub"
+    hub_dir.mkdir(mode=0o700)
+    _, _, hub_public_file = write_hub_keypair(hub_dir)
+    shutil.copy(hub_public_file, gateway_dir / hub_public_file.name)
+    post_dir = root / "post"
+    post_dir.mkdir(mode=0o700)
+    post_kid, post_public = write_ed25519_keypair(post_dir / "post-signing.key", post_dir, "post")
+    shutil.copy(post_public, gateway_dir / post_public.name)
+    stranger_dir = root / "stranger"
+    stranger_dir.mkdir(mode=0o700)
+    stranger_kid, _ = write_ed25519_keypair(stranger_dir / "post-signing.key", stranger_dir, "post")
+    return Keys(
+        gateway_dir=gateway_dir,
+        gateway_public={signer.skid: signer.public_key},
+        hub_private=load_hub_private_keys(hub_dir),
+        post=load_ed25519_private_key(post_dir / "post-signing.key"),
+        post_kid=post_kid,
+        stranger=load_ed25519_private_key(stranger_dir / "post-signing.key"),
+        stranger_kid=stranger_kid,
+    )
+
+
+@dataclass
+class Site:
+    sim: ModbusSimulator
+    keys: Keys
+    sub: Subscriber
+    post: Publisher
+    config_path: Path
+    agent: Agent | None = None
+    task: asyncio.Task[None] | None = None
+
+    def lamp(self, unit: int) -> LampController:
+        device = self.sim.unit(unit)
+        assert isinstance(device, LampController)
+        return device
+
+    def setpoint_writes(self) -> int:
+        return sum(self.lamp(u).writes.get(SETPOINT_REGISTER, 0) for u in (1, 2, 3))
+
+    async def start_agent(self) -> None:
+        self.agent = Agent(load_config(self.config_path))
+        self.task = asyncio.create_task(self.agent.run())
+        await self.agent.started.wait()
+        # Commands published before the agent subscribed would go to nobody.
+        async with asyncio.timeout(WAIT_S):
+            while self.agent.uplink is None or self.agent.uplink.stats.state != "online":
+                await asyncio.sleep(0.02)
+
+    async def stop_agent(self) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    def token(
+        self,
+        command_id: str,
+        *,
+        key: Ed25519PrivateKey | None = None,
+        kid: str | None = None,
+        audience: str = GATEWAY,
+        issued_at_s: int | None = None,
+        lifetime_s: int = 60,
+        **body: Any,
+    ) -> bytes:
+        claims = command_claims(
+            {"id": command_id, "action": "dim", "target": {"device": "lamp-1"}, **body},
+            audience=audience,
+            issued_at_s=issued_at_s if issued_at_s is not None else _now_s(),
+            lifetime_s=lifetime_s,
+        )
+        signed = sign_command(claims, key or self.keys.post, kid or self.keys.post_kid)
+        return signed.encode()
+
+    async def send(self, payload: bytes) -> None:
+        await self.post.send(f"{BASE}/cmd", payload)
+
+    def acks(self, messages: list[Received]) -> list[dict[str, Any]]:
+        """Every ack on the broker, each verified with the gateway's enrolled key."""
+        return [
+            verify_ack(m.payload, keys=self.keys.gateway_public, gateway=GATEWAY)
+            for m in messages
+            if m.topic == f"{BASE}/ack"
+        ]
+
+    def open_all(self, messages: list[Received], stream: str) -> list[dict[str, Any]]:
+        """The bodies of the sealed ``stream`` messages, opened as the hub would."""
+        bodies = []
+        for message in messages:
+            if message.topic != f"{BASE}/{stream}":
+                continue
+            header, plain = open_envelope(
+                message.payload,
+                self.keys.hub_private,
+                {GATEWAY: self.keys.gateway_public},
+                gateway=GATEWAY,
+                stream=stream,
+            )
+            document = json.loads(plain)
+            assert (header.seq_first, header.seq_last) == (document["seq"], document["seq"])
+            bodies.append(document)
+        return bodies
+
+    async def ack_for(self, command_id: str | None, count: int = 1) -> list[dict[str, Any]]:
+        messages = await self.sub.wait_for_async(
+            lambda m: len([a for a in self.acks(m) if a.get("id") == command_id]) >= count,
+            WAIT_S,
+        )
+        return [a for a in self.acks(messages) if a.get("id") == command_id]
+
+
+def _now_s() -> int:
+    import time
+
+    return int(time.time())
+
+
+@asynccontextmanager
+async def site(
+    tmp_path: Path, broker: MosquittoBroker, *, clock: str = "yes"
+) -> AsyncIterator[Site]:
+    sim = ModbusSimulator(
+        {
+            1: LampController(setpoint=100),
+            2: LampController(),
+            3: LampController(),
+            10: EnergyMeter(),
+        }
+    )
+    port = await sim.start_tcp("127.0.0.1", 0)
+    keys = make_keys(tmp_path)
+    config_path = write_config(
+        tmp_path,
+        gateway=GATEWAY,
+        sim_port=port,
+        broker_port=broker.port,
+        sealed=True,
+        extra=f'[commands]\nclock_synchronized = "{clock}"\n',
+    )
+    sub = Subscriber(broker, f"{BASE}/#")
+    await asyncio.to_thread(sub.start)
+    post = Publisher(broker.port)
+    place = Site(sim, keys, sub, post, config_path)
+    await place.start_agent()
+    try:
+        yield place
+    finally:
+        await place.stop_agent()
+        post.close()
+        sub.stop()
+        await sim.stop()
+
+
+def test_the_broker_sees_only_envelopes_and_the_hub_key_opens_every_reading(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    async def body() -> None:
+        async with site(tmp_path, broker) as place:
+            wanted = {"lamp-1", "lamp-2", "lamp-3", "meter"}
+
+            def every_device(messages: list[Received]) -> bool:
+                seen = {
+                    r["device"] for b in place.open_all(messages, "data") for r in b["readings"]
+                }
+                return wanted <= seen
+
+            messages = await place.sub.wait_for_async(every_device, WAIT_S)
+            sealed = [m for m in messages if m.topic.rsplit("/", 1)[-1] in ("data", "event")]
+            assert sealed
+            for message in sealed:
+                # What the broker (or anyone it serves) holds: an envelope, no plaintext.
+                assert message.payload.startswith(MAGIC)
+                assert b"lamp-1" not in message.payload and b"readings" not in message.payload
+            batches = place.open_all(messages, "data")
+            readings = [r for b in batches for r in b["readings"]]
+            level = [
+                r["value"]
+                for r in readings
+                if (r["device"], r["point"]) == ("lamp-1", "actual_level")
+            ]
+            assert level and level[-1] == 100
+            for batch in batches:
+                assert batch["gateway"] == GATEWAY
+            # The status is for everyone (is the gateway up?) and stays plain JSON.
+            status = [json.loads(m.payload) for m in messages if m.topic == f"{BASE}/status"]
+            assert status[0]["state"] == "online"
+            # The buffer holds the same envelopes: nothing it stores opens without the hub key.
+            assert place.agent is not None and place.agent.buffer is not None
+            for record in await place.agent.buffer.pending(100):
+                if record.topic in ("data", "event"):
+                    assert record.payload.startswith(MAGIC)
+
+    asyncio.run(body())
+
+
+def test_a_signed_command_is_executed_and_its_ack_is_signed(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    async def body() -> None:
+        async with site(tmp_path, broker) as place:
+            await place.send(place.token("dim-ok-1", level=40))
+            (ack,) = await place.ack_for("dim-ok-1")
+            assert ack["status"] == "ok", ack
+            assert ack["results"] == [{"device": "lamp-1", "status": "ok", "level": 40.0}]
+            assert place.lamp(1).setpoint == 40
+            assert "clock_warning" not in ack
+
+    asyncio.run(body())
+
+
+def test_every_bad_token_is_rejected_with_its_reason_and_nothing_reaches_the_bus(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    async def body() -> None:
+        async with site(tmp_path, broker) as place:
+            now = _now_s()
+            good = place.token("replay-me", level=30).decode()
+            header, payload, signature = good.split(".")
+            flipped = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1]
+            cases: list[tuple[str, bytes, str | None, bool]] = [
+                # (code, what is sent, the ack's id, whether the token was authentic). The
+                # audience is checked before the claims are read, so that ack has no id.
+                ("bad_signature", f"{header}.{flipped}.{signature}".encode(), None, False),
+                (
+                    "unknown_key",
+                    place.token(
+                        "c-stranger", key=place.keys.stranger, kid=place.keys.stranger_kid, level=10
+                    ),
+                    None,
+                    False,
+                ),
+                (
+                    "expired",
+                    place.token("c-expired", issued_at_s=now - 600, level=10),
+                    "c-expired",
+                    True,
+                ),
+                (
+                    "not_yet_valid",
+                    place.token("c-future", issued_at_s=now + 600, level=10),
+                    "c-future",
+                    True,
+                ),
+                (
+                    "wrong_audience",
+                    place.token("c-aud", audience="other-gw", level=10),
+                    None,
+                    True,
+                ),
+                ("malformed", b"not-a.token", None, False),
+                ("too_large", b"A" * 9000, None, False),
+                (
+                    "unsigned",
+                    json.dumps(
+                        {
+                            "id": "c-plain",
+                            "action": "dim",
+                            "target": {"device": "lamp-1"},
+                            "level": 10,
+                            "expires": (now + 60) * 1000,
+                        }
+                    ).encode(),
+                    None,
+                    False,
+                ),
+            ]
+            writes_before = place.setpoint_writes()
+            for _, payload_bytes, _, _ in cases:
+                await place.send(payload_bytes)
+
+            def all_answered(messages: list[Received]) -> bool:
+                codes = [a.get("code") for a in place.acks(messages)]
+                return all(code in codes for code, _, _, _ in cases)
+
+            messages = await place.sub.wait_for_async(all_answered, WAIT_S)
+            acks = place.acks(messages)
+            for code, _, command_id, _ in cases:
+                (ack,) = [a for a in acks if a.get("code") == code]
+                assert ack["status"] == "rejected" and ack["reason"], ack
+                assert ack["id"] == command_id, (code, ack)
+            events = [e for e in place.open_all(messages, "event") if e["kind"] == "security"]
+            for code, _, _, authentic in cases:
+                (event,) = [e for e in events if e["detail"]["code"] == code]
+                assert event["detail"]["what"] == "command_rejected"
+                assert event["detail"]["authenticated"] is authentic
+                assert event["severity"] == ("warning" if authentic else "alarm")
+
+            # The good token works once; the same token again is a replay...
+            await place.send(good.encode())
+            (done,) = await place.ack_for("replay-me")
+            assert done["status"] == "ok" and place.lamp(1).setpoint == 30
+            await place.send(good.encode())
+            replays = await place.ack_for("replay-me", count=2)
+            assert replays[1]["status"] == "rejected" and replays[1]["code"] == "replayed"
+            # ...also after a restart: the jti record is in the buffer's command table.
+            await place.stop_agent()
+            await place.start_agent()
+            await place.send(good.encode())
+            after_restart = await place.ack_for("replay-me", count=3)
+            assert after_restart[2]["code"] == "replayed"
+            # Only the one accepted command wrote the set point.
+            assert place.setpoint_writes() == writes_before + 1
+            assert place.lamp(1).setpoint == 30
+
+    asyncio.run(body())
+
+
+def test_with_an_unsynchronised_clock_ordering_replaces_the_time_window(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    async def body() -> None:
+        async with site(tmp_path, broker, clock="no") as place:
+            # The gateway's clock cannot be trusted: an old but never-seen token is accepted on
+            # ordering, and the ack says so; one issued before it is then refused.
+            old = _now_s() - 3600
+            await place.send(place.token("late-2", issued_at_s=old, level=20))
+            (ack,) = await place.ack_for("late-2")
+            assert ack["status"] == "ok" and "not synchronised" in ack["clock_warning"]
+            await place.send(place.token("late-1", issued_at_s=old - 10, level=70))
+            (refused,) = await place.ack_for("late-1")
+            assert refused["code"] == "replayed"
+            assert place.lamp(1).setpoint == 20
+
+    asyncio.run(body())
