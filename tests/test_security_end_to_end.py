@@ -28,7 +28,7 @@ from agent.keys import (
 )
 from agent.runtime import Agent
 from firmware_sim.modbus import EnergyMeter, LampController, ModbusSimulator
-from tests.e2e import PREFIX, Publisher, write_config
+from tests.e2e import PREFIX, Publisher, validator, write_config
 from tests.support.mosquitto import MosquittoBroker, Received, Subscriber
 
 GATEWAY = "sec-gw"
@@ -332,6 +332,8 @@ def test_every_bad_token_is_rejected_with_its_reason_and_nothing_reaches_the_bus
 
             messages = await place.sub.wait_for_async(all_answered, WAIT_S)
             acks = place.acks(messages)
+            for ack in acks:
+                validator("ack").validate(ack)
             for code, _, command_id, _ in cases:
                 (ack,) = [a for a in acks if a.get("code") == code]
                 assert ack["status"] == "rejected" and ack["reason"], ack
@@ -342,6 +344,7 @@ def test_every_bad_token_is_rejected_with_its_reason_and_nothing_reaches_the_bus
                 assert event["detail"]["what"] == "command_rejected"
                 assert event["detail"]["authenticated"] is authentic
                 assert event["severity"] == ("warning" if authentic else "alarm")
+                validator("event").validate(event)
 
             # The good token works once; the same token again is a replay...
             await place.send(good.encode())
