@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.config import load_config
@@ -267,8 +270,11 @@ def test_a_signed_command_is_executed_and_its_ack_is_signed(
 
 
 def test_every_bad_token_is_rejected_with_its_reason_and_nothing_reaches_the_bus(
-    tmp_path: Path, broker: MosquittoBroker
+    tmp_path: Path, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
+    sent: list[bytes] = []
+
     async def body() -> None:
         async with site(tmp_path, broker) as place:
             now = _now_s()
@@ -325,6 +331,8 @@ def test_every_bad_token_is_rejected_with_its_reason_and_nothing_reaches_the_bus
             writes_before = place.setpoint_writes()
             for _, payload_bytes, _, _ in cases:
                 await place.send(payload_bytes)
+            sent.extend(payload for _, payload, _, _ in cases)
+            sent.append(good.encode())
 
             def all_answered(messages: list[Received]) -> bool:
                 codes = [a.get("code") for a in place.acks(messages)]
@@ -364,6 +372,17 @@ def test_every_bad_token_is_rejected_with_its_reason_and_nothing_reaches_the_bus
             assert place.lamp(1).setpoint == 30
 
     asyncio.run(body())
+    # Nothing secret reached the logs: no private key, no token, no signature.
+    logged = caplog.text
+    for key_file in (*tmp_path.glob("*/*.key"), tmp_path / "buffer.db.key"):
+        secret = key_file.read_bytes()
+        for line in secret.splitlines():
+            if len(line) >= 16 and not line.startswith(b"-----"):
+                assert line.decode("latin-1") not in logged, key_file.name
+    for payload in sent:
+        for part in payload.split(b"."):
+            if len(part) >= 40:
+                assert part.decode("latin-1") not in logged
 
 
 def test_with_an_unsynchronised_clock_ordering_replaces_the_time_window(
@@ -383,3 +402,13 @@ def test_with_an_unsynchronised_clock_ordering_replaces_the_time_window(
             assert place.lamp(1).setpoint == 20
 
     asyncio.run(body())
+
+
+def test_the_security_policy_has_a_disclosure_policy_and_its_links_resolve() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "SECURITY.md").read_text(encoding="utf-8")
+    assert "## Reporting a vulnerability" in text and "## Supported versions" in text
+    links = re.findall(r"\]\(([^)#]+)", text)
+    assert links
+    for link in links:
+        assert (repo / link).exists(), link
