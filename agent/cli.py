@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.keys_cli import register as register_keys
 
     register_keys(commands)
+    from agent.post_cli import register as register_post
+
+    register_post(commands)
+    from agent.hub_cli import register as register_hub
+
+    register_hub(commands)
     _register_plugins(commands)
     return parser
 

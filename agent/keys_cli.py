@@ -83,6 +83,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     hub_init.set_defaults(handler=_hub_init)
 
+    post_init = actions.add_parser(
+        "post-init",
+        help="create a control post's signing key",
+        description="Write a new control-post Ed25519 key pair into DIR: post-signing.key "
+        "(mode 0600, stays at the control post; lampyre post --key) and post-<key id>.pub "
+        "(0644, copied into the key folder of each gateway the post commands). An existing "
+        "key is never overwritten. See docs/control-post.md.",
+    )
+    post_init.add_argument("--out", required=True, metavar="DIR", help="folder for the key pair")
+    post_init.set_defaults(handler=_post_init)
+
 
 def _fail(message: object) -> int:
     print(f"lampyre keys: {message}", file=sys.stderr)
@@ -387,4 +398,52 @@ def _hub_init(args: argparse.Namespace) -> int:
     print("  hub receipts)")
     if public.kem.value == "x25519":
         print(f"  {encode_hub_public_key(public).decode().strip()}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# post-init
+# --------------------------------------------------------------------------------------------
+
+
+def _post_init(args: argparse.Namespace) -> int:
+    from agent.envelope import fingerprint
+    from agent.keys import (
+        check_key_folder,
+        ed25519_public_pem,
+        load_ed25519_private_key,
+        write_ed25519_keypair,
+    )
+    from agent.post import POST_SIGNING_KEY_FILE
+    from agent.sdk import LampyreError
+
+    out = Path(args.out)
+    private_path = out / POST_SIGNING_KEY_FILE
+    if private_path.exists() or private_path.is_symlink():
+        return _fail(
+            f"{private_path} already exists; a post key is never overwritten (to rotate, make "
+            "the new key in another folder: docs/control-post.md#rotating-the-post-key)"
+        )
+    try:
+        check_key_folder(out)
+        kid, public_path = write_ed25519_keypair(private_path, out, "post")
+        public_key = load_ed25519_private_key(private_path).public_key()
+    except FileExistsError as exc:
+        return _fail(f"{exc.filename or private_path} already exists; nothing was overwritten")
+    except LampyreError as exc:
+        return _fail(exc)
+    except OSError as exc:
+        return _fail(f"cannot write the post key in {out}: {exc.strerror or exc}")
+    print(f"control-post signing key (Ed25519): {private_path}: created (mode 0600)")
+    print(
+        "\n".join(
+            _signing_key_lines(
+                kid, fingerprint(public_key.public_bytes_raw()), ed25519_public_pem(public_key)
+            )
+        )
+    )
+    print(f"  public key file: {public_path} (mode 0644)")
+    print(f"Copy {public_path.name} into the key folder of each gateway this post commands")
+    print("(check the fingerprint there with lampyre keys show); sign commands with")
+    print(f"lampyre post ... --key {private_path}. The private key never leaves the post.")
     return EXIT_OK

@@ -10,7 +10,8 @@ How paho is driven (the pattern of paho's ``examples/loop_asyncio.py``, without 
   runs in an executor thread while no socket callback is installed, so nothing else touches the
   client meanwhile. From then on every paho call happens on the event loop: the socket is watched
   with ``add_reader``/``add_writer`` and ``loop_misc()`` runs every second for keep-alive.
-* One paho ``Client`` per connection attempt, MQTT 5, clean start, session expiry 0 and
+* One paho ``Client`` per connection attempt, MQTT 5, clean start, session expiry 0 (unless
+  :attr:`MqttSettings.session_expiry_s` asks for a persistent session) and
   ``manual_ack=True``. paho keeps its session only in memory and re-sends QoS>0 messages on a
   reconnect even with a clean session (paho issue #733); a fresh client per connection means paho
   never re-sends anything on its own: the caller's durable store is the source of truth.
@@ -155,6 +156,11 @@ class MqttSettings:
     username: str | None = None
     password_file: Path | None = None
     tls: TlsSettings | None = None
+    session_expiry_s: int = 0
+    """0: clean start and session expiry 0 (the agent: its buffer, not the broker, outlives an
+    outage). More: clean start off and this session expiry, so the broker keeps the
+    subscriptions and queues QoS 1 messages for this client id while it is away (a hub
+    consumer); the client id must then be the same at every connection."""
 
 
 def is_loopback_host(host: str) -> bool:
@@ -453,7 +459,7 @@ class MqttSession:
         client.on_message = lambda c, u, msg: self._on_message(conn, msg)
 
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = 0
+        properties.SessionExpiryInterval = settings.session_expiry_s
 
         # Blocking part, in a thread. No socket callback is installed yet, so paho writes the
         # CONNECT packet itself from that thread and nothing else uses the client meanwhile.
@@ -463,7 +469,7 @@ class MqttSession:
                 settings.host,
                 settings.port,
                 keepalive=settings.keepalive_s,
-                clean_start=True,
+                clean_start=settings.session_expiry_s == 0,
                 properties=properties,
             ),
         )
@@ -647,8 +653,10 @@ class MqttSession:
     def _on_message(self, conn: _Connection, msg: paho.MQTTMessage) -> None:
         message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.retain)
         if self._incoming is None:
-            self._ack(conn, msg.mid, msg.qos)
-            return
+            # A message read in the same turn as the CONNACK (a persistent session's queue is
+            # sent right after it) arrives before the dispatcher starts: keep it for the
+            # dispatcher instead of acknowledging it unhandled.
+            self._incoming = asyncio.Queue()
         self._incoming.put_nowait((message, msg.mid, conn))
 
     # Sending -----------------------------------------------------------------------------
@@ -674,7 +682,8 @@ class MqttSession:
     # Incoming ----------------------------------------------------------------------------
     def _start_dispatcher(self) -> None:
         if self._dispatcher is None or self._dispatcher.done():
-            self._incoming = asyncio.Queue()
+            if self._incoming is None:
+                self._incoming = asyncio.Queue()
             self._dispatcher = asyncio.get_running_loop().create_task(
                 self._dispatch(self._incoming), name="mqtt-dispatch"
             )
