@@ -39,6 +39,7 @@ def write_config(
     rtu_device: str | None = None,
     buffer_extra: str = "",
     sealed: bool = False,
+    hub_extra: str = "",
 ) -> Path:
     """A gateway configuration for the simulated cabinet, with short timings for tests: one
     Modbus line, over TCP to ``sim_port`` or over RTU through the pty ``rtu_device``.
@@ -56,6 +57,7 @@ def write_config(
         f"port = {broker_port}",
         "keepalive_s = 5",
         *([] if sealed else PLAIN_HUB),
+        hub_extra,
         "",
         "[buffer]",
         'path = "buffer.db"',

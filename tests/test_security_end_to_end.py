@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.buffer import Lane
 from agent.config import load_config
 from agent.envelope import MAGIC, HubPrivateKey, open_envelope
+from agent.hub import HubConsumer, HubSettings
 from agent.jws import command_claims, sign_command, verify_ack
 from agent.keys import (
     create_gateway_signing_key,
@@ -29,6 +31,7 @@ from agent.keys import (
     write_ed25519_keypair,
     write_hub_keypair,
 )
+from agent.mqtt import MqttSettings
 from agent.runtime import Agent
 from firmware_sim.modbus import EnergyMeter, LampController, ModbusSimulator
 from tests.e2e import PREFIX, Publisher, validator, write_config
@@ -46,6 +49,7 @@ class Keys:
     """Every party's keys, made the way the tools make them."""
 
     gateway_dir: Path
+    hub_dir: Path
     gateway_public: dict[str, Ed25519PublicKey]
     hub_private: dict[str, HubPrivateKey]
     post: Ed25519PrivateKey
@@ -63,6 +67,8 @@ def make_keys(root: Path) -> Keys:
     hub_dir.mkdir(mode=0o700)
     _, _, hub_public_file = write_hub_keypair(hub_dir)
     shutil.copy(hub_public_file, gateway_dir / hub_public_file.name)
+    _, receipt_public = write_ed25519_keypair(hub_dir / "receipt-signing.key", hub_dir, "receipt")
+    shutil.copy(receipt_public, gateway_dir / receipt_public.name)
     post_dir = root / "post"
     post_dir.mkdir(mode=0o700)
     post_kid, post_public = write_ed25519_keypair(post_dir / "post-signing.key", post_dir, "post")
@@ -72,6 +78,7 @@ def make_keys(root: Path) -> Keys:
     stranger_kid, _ = write_ed25519_keypair(stranger_dir / "post-signing.key", stranger_dir, "post")
     return Keys(
         gateway_dir=gateway_dir,
+        hub_dir=hub_dir,
         gateway_public={signer.skid: signer.public_key},
         hub_private=load_hub_private_keys(hub_dir),
         post=load_ed25519_private_key(post_dir / "post-signing.key"),
@@ -178,7 +185,7 @@ def _now_s() -> int:
 
 @asynccontextmanager
 async def site(
-    tmp_path: Path, broker: MosquittoBroker, *, clock: str = "yes"
+    tmp_path: Path, broker: MosquittoBroker, *, clock: str = "yes", hub_extra: str = ""
 ) -> AsyncIterator[Site]:
     sim = ModbusSimulator(
         {
@@ -196,6 +203,7 @@ async def site(
         sim_port=port,
         broker_port=broker.port,
         sealed=True,
+        hub_extra=hub_extra,
         extra=f'[commands]\nclock_synchronized = "{clock}"\n',
     )
     sub = Subscriber(broker, f"{BASE}/#")
@@ -412,3 +420,106 @@ def test_the_security_policy_has_a_disclosure_policy_and_its_links_resolve() -> 
     assert links
     for link in links:
         assert (repo / link).exists(), link
+
+
+def test_hub_listen_recovers_every_reading_and_receipts_keep_batches_until_stored(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """A broker subscriber sees only envelopes while the hub consumer stores every reading; with
+    receipts, nothing leaves the gateway's buffer before the hub stored it, across a restart of
+    the hub consumer."""
+    out = tmp_path / "readings.jsonl"
+    state = tmp_path / "hub-state.db"
+
+    def consumer(place: Site) -> HubConsumer:
+        return HubConsumer(
+            HubSettings(
+                mqtt=MqttSettings(host="127.0.0.1", port=broker.port, client_id="hub-test"),
+                group="hubgroup0secret",
+                out=out,
+                state=state,
+                receipt_interval_s=0.2,
+            ),
+            hub_keys=place.keys.hub_private,
+            gateway_keys={GATEWAY: place.keys.gateway_public},
+            receipt_key=load_ed25519_private_key(place.keys.hub_dir / "receipt-signing.key"),
+        )
+
+    async def sealed_buffered(place: Site) -> int:
+        assert place.agent is not None and place.agent.buffer is not None
+        stats = await place.agent.buffer.stats()
+        return stats.by_lane[Lane.TELEMETRY] + stats.by_lane[Lane.ALARM]
+
+    async def wait_until(predicate: Callable[[], Awaitable[bool]]) -> None:
+        async with asyncio.timeout(WAIT_S):
+            while not await predicate():
+                await asyncio.sleep(0.05)
+
+    async def body() -> None:
+        hub_extra = "receipts = true\nreceipt_timeout_s = 1.0"
+        async with site(tmp_path, broker, hub_extra=hub_extra) as place:
+            assert place.agent is not None and place.agent.uplink is not None
+            uplink = place.agent.uplink
+
+            # 1. No hub consumer yet: the broker takes every batch (PUBACK), the buffer keeps
+            #    them, and after the timeout they go again.
+            async def resent() -> bool:
+                return uplink.stats.receipt_timeouts > 0 and await sealed_buffered(place) > 0
+
+            await wait_until(resent)
+            assert uplink.stats.receipts == 0
+
+            # 2. The hub consumer starts: it stores, fsyncs and receipts; the buffer empties.
+            first = consumer(place)
+            first_run = asyncio.create_task(first.run())
+            for worker in place.agent.workers.values():
+                worker.pause_polling()
+
+            async def drained() -> bool:
+                return uplink.stats.receipts > 0 and await sealed_buffered(place) == 0
+
+            await wait_until(drained)
+            first.stop()
+            await first_run
+
+            # 3. The consumer is down again: new batches pile up in the buffer...
+            for worker in place.agent.workers.values():
+                worker.resume_polling()
+
+            async def piling_up() -> bool:
+                return await sealed_buffered(place) >= 3
+
+            await wait_until(piling_up)
+            receipts_before = uplink.stats.receipts
+            # ...and a new consumer with the same state file takes over.
+            for worker in place.agent.workers.values():
+                worker.pause_polling()
+            second = consumer(place)
+            second_run = asyncio.create_task(second.run())
+            await wait_until(drained)
+            assert uplink.stats.receipts > receipts_before
+            second.stop()
+            await second_run
+            assert uplink.stats.receipts_refused == 0
+
+            # What crossed the broker was ciphertext only, and the hub has every reading of it,
+            # once.
+            messages = place.sub.messages
+            for message in messages:
+                if message.topic.rsplit("/", 1)[-1] in ("data", "event"):
+                    assert message.payload.startswith(MAGIC)
+            seen = {
+                (r["device"], r["point"], r["ts"], b["seq"])
+                for b in place.open_all(messages, "data")
+                for r in b["readings"]
+            }
+            lines = [json.loads(line) for line in out.read_text().splitlines()]
+            stored = [
+                (line["device"], line["point"], line["ts"], line["seq"])
+                for line in lines
+                if line["type"] == "reading"
+            ]
+            assert seen and seen == set(stored)
+            assert len(stored) == len(set(stored)), "a reading was stored twice"
+
+    asyncio.run(body())
