@@ -244,14 +244,12 @@ def _print_trusted_keys(config: GatewayConfig, problems: list[str]) -> int:
     """Print the hub keys (which is current, which suite) and the control-post keys; add what
     would stop the agent to ``problems``. EXIT_PROBLEM when there is something."""
     from agent.envelope import HubPublicKey
-    from agent.envelope import fingerprint as make_fingerprint
-    from agent.envelope import key_id as make_key_id
     from agent.keys import (
         POST_PUBLIC_GLOB,
+        RECEIPT_PUBLIC_GLOB,
         KeyFileError,
         KeySetupError,
         hub_key_files,
-        read_ed25519_public_key,
         read_hub_public_key,
         select_hub_key,
     )
@@ -275,7 +273,9 @@ def _print_trusted_keys(config: GatewayConfig, problems: list[str]) -> int:
         )
         current_kid, suite_name = current.kid, suite.name
     except KeySetupError as exc:
-        problems.append(str(exc))
+        # Only a problem when readings are sealed: with seal = "none" no hub key is used.
+        if config.hub.seal:
+            problems.append(str(exc))
     print(f"hub keys ({len(hub_keys)}):")
     for kid, (key, path) in sorted(hub_keys.items()):
         mark = f"  <- current, suite {suite_name}" if kid == current_kid else ""
@@ -283,22 +283,42 @@ def _print_trusted_keys(config: GatewayConfig, problems: list[str]) -> int:
             f"  {kid}  {key.kem.value}  {path} (mode {_mode(path)})  sha256:{key.fingerprint}{mark}"
         )
 
-    posts: list[str] = []
-    if config.keys.dir.is_dir():
-        for path in sorted(config.keys.dir.glob(POST_PUBLIC_GLOB)):
-            try:
-                raw = read_ed25519_public_key(path).public_bytes_raw()
-            except (KeyFileError, OSError) as exc:
-                problems.append(str(exc))
-                continue
-            posts.append(
-                f"  {make_key_id(raw)}  ed25519  {path} (mode {_mode(path)})  "
-                f"sha256:{make_fingerprint(raw)}"
-            )
+    posts = _ed25519_key_lines(config.keys.dir, POST_PUBLIC_GLOB, problems)
     print(f"control-post keys ({len(posts)}):")
     for line in posts:
         print(line)
+    if not posts:
+        print("  (none: every signed command will be refused)")
+    receipts = _ed25519_key_lines(config.keys.dir, RECEIPT_PUBLIC_GLOB, problems)
+    print(f"hub receipt keys ({len(receipts)}):")
+    for line in receipts:
+        print(line)
+    if config.hub.receipts and not receipts:
+        problems.append("hub.receipts is on and the key folder holds no receipt-*.pub")
     return EXIT_PROBLEM if len(problems) > before else EXIT_OK
+
+
+def _ed25519_key_lines(folder: Path, pattern: str, problems: list[str]) -> list[str]:
+    """One line per Ed25519 public key file of ``folder`` matching ``pattern``: key id, file,
+    mode, fingerprint. Unreadable or refused files go to ``problems``."""
+    from agent.envelope import fingerprint as make_fingerprint
+    from agent.envelope import key_id as make_key_id
+    from agent.keys import KeyFileError, read_ed25519_public_key
+
+    lines: list[str] = []
+    if not folder.is_dir():
+        return lines
+    for path in sorted(folder.glob(pattern)):
+        try:
+            raw = read_ed25519_public_key(path).public_bytes_raw()
+        except (KeyFileError, OSError) as exc:
+            problems.append(str(exc))
+            continue
+        lines.append(
+            f"  {make_key_id(raw)}  ed25519  {path} (mode {_mode(path)})  "
+            f"sha256:{make_fingerprint(raw)}"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -414,6 +414,33 @@ def test_cli_init_show_and_hub_init(
         assert secret not in printed
 
 
+def test_cli_show_lists_receipt_keys_and_follows_the_seal_and_receipt_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = write_config(tmp_path, '[hub]\nseal = "none"\nreceipts = true\n')
+    assert main(["keys", "init", "--config", str(plain)]) == 0
+    capsys.readouterr()
+    # Plain JSON needs no hub key; receipts on need a receipt key.
+    assert main(["keys", "show", "--config", str(plain)]) == 1
+    shown = capsys.readouterr().out
+    assert "no hub public key" not in shown
+    assert "hub.receipts is on and the key folder holds no receipt-*.pub" in shown
+    assert "every signed command will be refused" in shown
+
+    assert main(["keys", "hub-init", "--out", str(tmp_path / "hub")]) == 0
+    capsys.readouterr()
+    (receipt_public,) = (tmp_path / "hub").glob("receipt-*.pub")
+    shutil.copy(receipt_public, tmp_path / "keys")
+    assert main(["keys", "show", "--config", str(plain)]) == 0
+    shown = capsys.readouterr().out
+    kid = receipt_public.stem.removeprefix("receipt-")
+    assert "hub receipt keys (1):" in shown and f"{kid}  ed25519" in shown
+    # A second hub-init in the same folder keeps the receipt key (one per hub).
+    assert main(["keys", "hub-init", "--out", str(tmp_path / "hub")]) == 0
+    assert f"hub receipt-signing key {kid} (Ed25519)" in capsys.readouterr().out
+    assert list((tmp_path / "hub").glob("receipt-*.pub")) == [receipt_public]
+
+
 def test_cli_show_reports_a_refused_public_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
