@@ -71,7 +71,7 @@ from agent.mqtt import (
     SubscribeRejected,
     is_loopback_host,
 )
-from agent.sdk import LampyreError, now_ms
+from agent.sdk import LampyreError, fsync_folder, now_ms
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -381,11 +381,7 @@ def _fsync_folder(folder: Path) -> None:
     # A new file's name is durable only once its folder is: a power cut must not lose the file
     # whose lines were receipted.
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_folder(folder)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -66,7 +65,14 @@ from agent.envelope import (
     default_suite_for,
     key_id,
 )
-from agent.sdk import KeyFileError, LampyreError, create_file_atomically, read_private_file
+from agent.sdk import (
+    KeyFileError,
+    LampyreError,
+    create_file_atomically,
+    fsync_folder,
+    read_private_file,
+    read_public_file,
+)
 
 if TYPE_CHECKING:
     from agent.config import KeysConfig
@@ -161,37 +167,10 @@ def check_key_folder(folder: Path) -> None:
 
 def _read_public_file(path: Path) -> bytes:
     """A public key file's content; refused when group or others may write it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise KeyFileError(
-                f"key file {path} is a symbolic link; put the key file itself there"
-            ) from None
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & _WRITABLE_BY_OTHERS:
-            raise KeyFileError(
-                f"public key file {path} has mode {mode:04o}, which lets group or others replace "
-                f"the key; fix with: chmod 644 {path}"
-            )
-        chunks: list[bytes] = []
-        left = MAX_KEY_FILE_BYTES + 1
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > MAX_KEY_FILE_BYTES:
-            raise KeyFileError(f"key file {path} is larger than {MAX_KEY_FILE_BYTES} bytes")
-        return data
-    finally:
-        os.close(fd)
+    data = read_public_file(path, limit=MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"key file {path} is larger than {MAX_KEY_FILE_BYTES} bytes")
+    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,8 +676,4 @@ def _overwrite(path: Path) -> None:
 
 def _fsync_folder(folder: Path) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_folder(folder)

@@ -60,8 +60,10 @@ __all__ = [
     "Value",
     "Where",
     "create_file_atomically",
+    "fsync_folder",
     "now_ms",
     "read_private_file",
+    "read_public_file",
 ]
 
 Value = float | int | bool | str | None
@@ -175,6 +177,7 @@ class FatalDriverError(DriverError):
 # --------------------------------------------------------------------------------------------
 
 _OPEN_TO_OTHERS = stat.S_IRWXG | stat.S_IRWXO
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 """Bits that give group or others any access: a secret file with one of them set is refused."""
 
 
@@ -191,6 +194,31 @@ def read_private_file(path: Path, *, limit: int = 1 << 20) -> bytes:
     is a symbolic link, not a regular file, or gives group or others any access (the message
     names the fix, ``chmod 600 PATH``).
     """
+    return _read_guarded_file(
+        path,
+        limit,
+        _OPEN_TO_OTHERS,
+        "key file {path} has mode {mode:04o}, which lets group or others use it; "
+        "fix with: chmod 600 {path}",
+    )
+
+
+def read_public_file(path: Path, *, limit: int = 1 << 20) -> bytes:
+    """The content of a file holding a public key or certificate that must not be replaced
+    by someone else, at most ``limit`` bytes: as :func:`read_private_file`, but refused only
+    when group or others may *write* it (0644 is fine)."""
+    return _read_guarded_file(
+        path,
+        limit,
+        _WRITABLE_BY_OTHERS,
+        "public key file {path} has mode {mode:04o}, which lets group or others replace the "
+        "key; fix with: chmod 644 {path}",
+    )
+
+
+def _read_guarded_file(path: Path, limit: int, forbidden: int, complaint: str) -> bytes:
+    """Open without following a link, check type and mode on the open file (no race between
+    the check and the read), read at most ``limit`` bytes."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
@@ -206,11 +234,8 @@ def read_private_file(path: Path, *, limit: int = 1 << 20) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise KeyFileError(f"key file {path} is not a regular file")
         mode = stat.S_IMODE(info.st_mode)
-        if mode & _OPEN_TO_OTHERS:
-            raise KeyFileError(
-                f"key file {path} has mode {mode:04o}, which lets group or others use it; "
-                f"fix with: chmod 600 {path}"
-            )
+        if mode & forbidden:
+            raise KeyFileError(complaint.format(path=path, mode=mode))
         chunks = []
         left = limit
         while left > 0 and (chunk := os.read(fd, left)):
@@ -219,6 +244,16 @@ def read_private_file(path: Path, *, limit: int = 1 << 20) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the names in ``folder`` durable (after creating, renaming or deleting a file in
+    it). Blocking, like :func:`read_private_file`."""
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def create_file_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
@@ -252,11 +287,7 @@ def create_file_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> Non
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_folder(folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,9 +633,7 @@ class Driver(ABC):
         """Check the driver-specific keys of a device table."""
 
     # Lifecycle ---------------------------------------------------------------------------
-    def __init__(
-        self, bus: BusSpec, devices: Sequence[DeviceSpec], context: DriverContext
-    ) -> None:
+    def __init__(self, bus: BusSpec, devices: Sequence[DeviceSpec], context: DriverContext) -> None:
         """Remember what to talk to. No I/O here."""
         self.bus = bus
         self.devices = {device.id: device for device in devices}
