@@ -225,7 +225,10 @@ class IssuedAtClock:
         self._latest: int | None = None
 
     async def next(self, now_s: int) -> int:
-        issued = _next_issued_at(now_s, self._latest)
+        # Strict within a process, even in a burst that runs ahead of the clock: a gateway
+        # whose clock is not synchronised refuses an iat that is not above the last one. (The
+        # reset of a value far ahead is for the file, where it can only be a stale clock.)
+        issued = now_s if self._latest is None else max(now_s, self._latest + 1)
         self._latest = issued
         return issued
 

@@ -1,7 +1,8 @@
 """Lampyre's hardware-in-the-loop bench runner: the same scenarios against the simulators (CI)
 and against real equipment on a bench. ``python -m hil --help``; see ``hil/README.md``."""
 
-from hil.hub import ControlPost, HubMessage, HubTimeout
+from hil.hub import ControlPost, HubMessage, HubTimeout, Protection
+from hil.keys import BenchKeyError, BenchKeys, load_bench_keys
 from hil.runner import Report, SetupError, run_hil
 from hil.scenarios import SCENARIOS, Scenario, ScenarioContext, ScenarioResult, Status
 from hil.targets import (
@@ -15,12 +16,15 @@ from hil.targets import (
 
 __all__ = [
     "SCENARIOS",
+    "BenchKeyError",
+    "BenchKeys",
     "BenchTarget",
     "ControlPost",
     "Fault",
     "FaultInjectionUnsupported",
     "HubMessage",
     "HubTimeout",
+    "Protection",
     "Report",
     "Scenario",
     "ScenarioContext",
@@ -30,5 +34,6 @@ __all__ = [
     "Status",
     "Target",
     "TargetError",
+    "load_bench_keys",
     "run_hil",
 ]

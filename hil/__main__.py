@@ -1,9 +1,11 @@
 """``python -m hil --config FILE [--target sim|bench] [--broker HOST:PORT] [--scenario NAME ...]
-[--json REPORT.json] [--allow-commands]``
+[--json REPORT.json] [--allow-commands] [--post-key FILE] [--hub-keys DIR]
+[--gateway-key FILE | --gateways DIR]``
 
 Exit status: 0 when nothing failed (scenarios that do not apply to the target are not
 failures), 1 when a scenario failed or the bench could not be brought up, 2 for a bad command
-line or an invalid or unreadable configuration, 130 when interrupted (Ctrl-C).
+line, an invalid or unreadable configuration or a key that cannot be used, 130 when interrupted
+(Ctrl-C).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import ConfigErrors, load_config
+from hil.keys import BenchKeyError, key_problems, load_bench_keys
 from hil.runner import Report, parse_broker, run_hil
 from hil.scenarios import SCENARIOS
 from hil.targets import BenchTarget, SimulatedTarget, Target
@@ -73,7 +76,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-commands",
         action="store_true",
         help="bench target: allow scenarios that send commands, which MOVE REAL LAMPS "
-        "(dim_round_trip, rejects_bad_commands); the sim target always allows them",
+        "(dim_round_trip, rejects_bad_commands, rejects_bad_tokens); the sim target always "
+        "allows them",
+    )
+    keys = parser.add_argument_group(
+        "keys",
+        textwrap.fill(
+            "A gateway with the production settings seals its data and events, signs its acks "
+            "and takes only commands signed by an enrolled control-post key: the runner then "
+            "needs the keys the hub and the control post hold. A gateway with [hub] seal = "
+            '"none" and [commands] allow_unsigned = true (the demo) needs none.',
+            78,
+        ),
+    )
+    keys.add_argument(
+        "--post-key",
+        type=Path,
+        metavar="FILE",
+        help="the control post's private key (post-signing.key, from lampyre keys post-init), "
+        "enrolled on the gateway: commands are signed with it (without it: plain JSON)",
+    )
+    keys.add_argument(
+        "--hub-keys",
+        type=Path,
+        metavar="DIR",
+        help="the hub's key folder (lampyre keys hub-init): its hub-*.key open the sealed data "
+        "and events",
+    )
+    gateway = keys.add_mutually_exclusive_group()
+    gateway.add_argument(
+        "--gateway-key",
+        type=Path,
+        metavar="FILE",
+        help="the gateway's public signing key (its gateway-signing.pub): verifies the "
+        "envelopes and the signed acks",
+    )
+    gateway.add_argument(
+        "--gateways",
+        type=Path,
+        metavar="DIR",
+        help="an enrolment folder, DIR/<gateway id>/*.pub, as lampyre hub listen and lampyre "
+        "post read it (instead of --gateway-key)",
     )
     parser.add_argument(
         "--log-level",
@@ -120,6 +163,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"{args.config}: cannot read the file: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        keys = load_bench_keys(
+            config.gateway_id,
+            post_key=args.post_key,
+            hub_keys=args.hub_keys,
+            gateway_key=args.gateway_key,
+            gateways=args.gateways,
+        )
+    except BenchKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    problems = key_problems(config, keys)
+    if problems:
+        for problem in problems:
+            print(f"{args.config}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -142,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 broker=broker,
                 private_broker=args.target == "sim" and broker is None,
                 out=sys.stdout,
+                keys=keys,
             )
         )
     )

@@ -4,6 +4,11 @@ scenarios one after the other; report what happened.
 The agent runs in this process (:class:`agent.runtime.Agent`, the same composition root as
 ``lampyre run``) with a fresh buffer in a temporary folder, so a run never reads or forwards the
 data of an earlier one and never touches a gateway's own buffer.
+
+The runner reads the gateway in the form its configuration says it publishes: with ``[hub]
+seal`` on it needs the hub's keys and the gateway's public key (:mod:`hil.keys`), and refuses
+plaintext; with ``[commands] allow_unsigned`` off, the command scenarios need the control post's
+key.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from typing import Any, TextIO
 
 from agent.config import GatewayConfig
 from agent.demo import PrivateBroker, mosquitto_binary
+from agent.jws import read_clock_state
 from agent.runtime import Agent
 from agent.sdk import LampyreError, now_ms
 from hil.hub import ControlPost
+from hil.keys import BenchKeys, command_problem, describe_security, key_problems
 from hil.scenarios import (
     SCENARIOS,
     Scenario,
@@ -67,6 +74,11 @@ class Report:
     started_ms: int
     target_detail: str = ""
     broker: str = ""
+    security: str = ""
+    """How the runner read and commanded the gateway (plain JSON, sealed, signed; which keys)."""
+    traffic: dict[str, dict[str, int]] = field(default_factory=dict)
+    """What the gateway published, by topic and form (``sealed``, ``signed``, ``plain``,
+    ``refused``): ``{"data": {"sealed": 120}, "ack": {"signed": 30}, ...}``."""
     duration_s: float = 0.0
     results: list[ScenarioResult] = field(default_factory=list)
     error: str | None = None
@@ -94,6 +106,8 @@ class Report:
             "target_detail": self.target_detail,
             "config": self.config_file,
             "broker": self.broker,
+            "security": self.security,
+            "traffic": self.traffic,
             "started_ms": self.started_ms,
             "duration_s": round(self.duration_s, 3),
             "ok": self.ok,
@@ -134,7 +148,9 @@ def result_lines(result: ScenarioResult) -> list[str]:
     return lines
 
 
-def _not_applicable(scenario: Scenario, target: Target) -> str | None:
+def _not_applicable(
+    scenario: Scenario, target: Target, config: GatewayConfig, keys: BenchKeys
+) -> str | None:
     if scenario.needs_faults and not target.can_inject_faults:
         return (
             f"not applicable on the {target.name} target: it needs fault injection, which this "
@@ -145,6 +161,14 @@ def _not_applicable(scenario: Scenario, target: Target) -> str | None:
             f"not applicable on the {target.name} target without --allow-commands: it sends "
             "commands that move real lamps"
         )
+    if scenario.needs_post_key and keys.post is None:
+        return (
+            "not applicable without the control post's key (--post-key): it checks how the "
+            "gateway refuses bad command tokens, and commands are sent as plain JSON"
+        )
+    problem = command_problem(config, keys) if scenario.sends_commands else None
+    if problem is not None:
+        return f"not applicable: it sends commands, and {problem}"
     return None
 
 
@@ -175,15 +199,18 @@ async def run_hil(
     broker: tuple[str, int] | None = None,
     private_broker: bool = False,
     out: TextIO | None = None,
+    keys: BenchKeys | None = None,
 ) -> Report:
     """Run ``scenarios`` (all by default; always in the order of :data:`SCENARIOS`) against
     ``target``.
 
     The hub is ``broker`` when given (plain MQTT: the configured TLS and credentials are
     dropped), else a private Mosquitto on a free loopback port when ``private_broker``, else
-    the configured hub. Progress is printed to ``out``. Never raises for a failed scenario or a
-    failed set-up: both are in the report.
+    the configured hub. ``keys`` are the control post's and the hub's (:func:`hil.keys.
+    load_bench_keys`; none: plain JSON only). Progress is printed to ``out``. Never raises for
+    a failed scenario or a failed set-up: both are in the report.
     """
+    keys = keys if keys is not None else BenchKeys()
     names = list(SCENARIOS) if scenarios is None else list(scenarios)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -194,20 +221,25 @@ async def run_hil(
         target=target.name,
         config_file=str(config.file),
         started_ms=now_ms(),
+        security=describe_security(config, keys),
     )
     progress = _Progress(out)
     started_s = time.monotonic()
     done: dict[str, ScenarioResult] = {}
     for scenario in selected:
-        reason = _not_applicable(scenario, target)
+        reason = _not_applicable(scenario, target, config, keys)
         if reason is not None:
             done[scenario.name] = ScenarioResult(
                 scenario.name, Status.NOT_APPLICABLE, details=[reason]
             )
     try:
         if len(done) < len(selected):
+            problems = key_problems(config, keys)
+            if problems:
+                progress.print(f"Lampyre HIL — gateway {config.gateway_id}, target {target.name}")
+                raise SetupError("; ".join(problems))
             await _run_bench(
-                config, target, selected, done, report, broker, private_broker, progress
+                config, target, selected, done, report, broker, private_broker, progress, keys
             )
         else:
             progress.print(f"Lampyre HIL — gateway {config.gateway_id}, target {target.name}")
@@ -235,6 +267,7 @@ async def _run_bench(
     broker: tuple[str, int] | None,
     private_broker: bool,
     progress: _Progress,
+    keys: BenchKeys,
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="lampyre-hil-"))
@@ -270,12 +303,18 @@ async def _run_bench(
             f"Lampyre HIL — gateway {config.gateway_id}, target {target.name}",
             f"  {report.target_detail}",
             f"  hub: {report.broker} (topics {config.hub.prefix}/{config.gateway_id}/#)",
+            f"  security: {report.security}",
         )
 
         post = ControlPost(
             dataclasses.replace(mqtt, client_id=f"{mqtt.client_id}-hil"),
             prefix=config.hub.prefix,
             gateway_id=config.gateway_id,
+            keys=keys,
+            require_sealed=config.hub.seal,
+            # A gateway that seals or takes only signed commands must have a signing key, and
+            # then signs every ack (docs/hub-protocol.md#ack).
+            require_signed_acks=config.hub.seal or not config.allow_unsigned_commands,
         )
         try:
             await post.connect()
@@ -283,17 +322,34 @@ async def _run_bench(
             raise SetupError(f"the runner cannot watch the hub at {report.broker}: {exc}") from exc
         stack.push_async_callback(post.close)
 
+        def record_traffic() -> None:
+            report.traffic = post.traffic()
+
+        # Runs once the agent stopped: everything it published is counted.
+        stack.callback(record_traffic)
+
         agent = Agent(config)
         agent_task = asyncio.create_task(agent.run(), name="hil-agent")
         stack.push_async_callback(_stop, agent_task)
         await _wait_ready(agent, agent_task)
 
+        clock_synchronized = config.clock_synchronized
+        if clock_synchronized is None and keys.post is not None:
+            # What the agent, in this process, is told too (it caches the answer): whether it
+            # can tell an expired token, or goes by the order of iat alone.
+            clock_synchronized = (await read_clock_state()).synchronized
         run_id = secrets.token_hex(3)
         for scenario in selected:
             if scenario.name in done:  # not applicable on this target
                 progress.show(done[scenario.name])
                 continue
-            context = ScenarioContext(config=config, target=target, hub=post, run_id=run_id)
+            context = ScenarioContext(
+                config=config,
+                target=target,
+                hub=post,
+                run_id=run_id,
+                clock_synchronized=clock_synchronized,
+            )
             task = asyncio.create_task(run_scenario(scenario, context), name=f"hil-{scenario.name}")
             try:
                 await asyncio.wait({task, agent_task}, return_when=asyncio.FIRST_COMPLETED)

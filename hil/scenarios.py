@@ -2,9 +2,11 @@
 
 A scenario sees the gateway only as the control post does (the messages under
 ``{prefix}/{gateway}/#`` and the commands it publishes on ``cmd``, through :class:`ControlPost`)
-plus what its :class:`~hil.targets.Target` can tell or do. It records figures and failures in its
-:class:`ScenarioContext`; it raises :class:`NotApplicable` when the target or the configuration
-cannot support it, never to hide a failure.
+plus what its :class:`~hil.targets.Target` can tell or do. It reads plain JSON objects whatever
+the wire form (sealed envelopes and signed acks are opened and verified by the control post) and
+sends command objects that the control post signs when it holds the post key. It records
+figures and failures in its :class:`ScenarioContext`; it raises :class:`NotApplicable` when the
+target or the configuration cannot support it, never to hide a failure.
 
 Waits are bounded by the configured poll intervals and the module constants below, which tests
 shrink.
@@ -23,9 +25,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from agent.config import GatewayConfig
+from agent.jws import MAX_TOKEN_BYTES
+from agent.post import PostKey
 from agent.sdk import DeviceSpec, PointRole, now_ms
-from hil.hub import ControlPost, HubMessage, HubTimeout
+from hil.hub import COMMAND_LIFETIME_S, ControlPost, HubMessage, HubTimeout
 from hil.targets import Fault, Target
 
 __all__ = [
@@ -34,11 +40,13 @@ __all__ = [
     "ALARM_WITHIN_POLLS",
     "COMMAND_TTL_S",
     "DIM_TEST_LEVELS_PERCENT",
+    "EXPIRED_BY_S",
     "LEVEL_TOLERANCE_PERCENT",
     "READINGS_MIN_POLLS",
     "READINGS_SLACK_S",
     "READINGS_WITHIN_POLLS",
     "SCENARIOS",
+    "TOKEN_EXPIRED_BY_S",
     "NotApplicable",
     "Scenario",
     "ScenarioContext",
@@ -65,8 +73,15 @@ ALARM_SLACK_S = 5.0
 ACK_TIMEOUT_S = 35.0
 """Longer than the agent's own bound on executing one command (30 s), so an ack that is slow
 because a device does not answer still arrives before the runner gives up."""
-COMMAND_TTL_S = 60.0
-"""``expires`` of the commands sent, from now."""
+COMMAND_TTL_S = COMMAND_LIFETIME_S
+"""How long a command sent is valid (``expires``, or ``exp - iat`` of a token), from now."""
+EXPIRED_BY_S = 10
+"""The ``expired`` bad command ended its validity this long before it is sent. Less than the
+30 s of clock skew a gateway allows a token (``agent.jws.CLOCK_SKEW_S``), so a signed one passes
+the token's time window and reaches the spine's own expiry check, as a plain one does."""
+TOKEN_EXPIRED_BY_S = 600
+"""The ``expired token`` of ``rejects_bad_tokens`` was issued this long ago: far outside the
+token's time window, refused by the token checks."""
 DIM_TEST_LEVELS_PERCENT = (40.0, 60.0)
 """The first of these that differs from a lamp's current level is the test level."""
 LEVEL_TOLERANCE_PERCENT = 1.0
@@ -115,6 +130,10 @@ class ScenarioContext:
     target: Target
     hub: ControlPost
     run_id: str
+    clock_synchronized: bool | None = None
+    """Whether the gateway takes its clock as synchronised (``[commands] clock_synchronized``, or
+    what systemd says); None when unknown. A gateway whose clock is not synchronised accepts
+    signed commands on the order of their ``iat``, so it cannot tell an expired one."""
     figures: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -147,6 +166,8 @@ class Scenario:
     sends_commands: bool = False
     """It sends commands that move equipment when the agent obeys them (even the bad ones would,
     were the agent wrong)."""
+    needs_post_key: bool = False
+    """It checks the gateway's token checks, so it signs (the control post's key is needed)."""
 
 
 async def run_scenario(scenario: Scenario, context: ScenarioContext) -> ScenarioResult:
@@ -164,6 +185,10 @@ async def run_scenario(scenario: Scenario, context: ScenarioContext) -> Scenario
     except Exception as exc:
         log.exception("scenario %s raised", scenario.name)
         context.failures.append(f"error: {type(exc).__name__}: {exc}")
+    refused = context.hub.refused(since_s=started)
+    if refused and status is not Status.NOT_APPLICABLE:
+        # A hub would have refused them too: readings lost, or an answer nobody can trust.
+        context.failures.append(_refused_summary(refused))
     if context.failures and status is not Status.NOT_APPLICABLE:
         status = Status.FAILED
     return ScenarioResult(
@@ -173,6 +198,15 @@ async def run_scenario(scenario: Scenario, context: ScenarioContext) -> Scenario
         figures=context.figures,
         details=[*context.failures, *context.notes],
         duration_s=time.monotonic() - started,
+    )
+
+
+def _refused_summary(refused: Sequence[HubMessage], shown: int = 3) -> str:
+    reasons = "; ".join(f"{m.kind}: {m.refusal}" for m in refused[:shown])
+    more = f"; and {len(refused) - shown} more" if len(refused) > shown else ""
+    return (
+        f"{len(refused)} message(s) from the gateway could not be opened or verified: "
+        f"{reasons}{more}"
     )
 
 
@@ -247,10 +281,6 @@ def _latency_figures(latencies_s: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def _expires(offset_s: float = COMMAND_TTL_S) -> int:
-    return now_ms() + int(offset_s * 1000)
-
-
 async def _ack_for(
     ctx: ScenarioContext, command_id: str | None, sent_s: float, what: str
 ) -> tuple[dict[str, Any], float]:
@@ -260,7 +290,17 @@ async def _ack_for(
         acks = ctx.hub.acks(command_id, since_s=sent_s)
         return acks[0] if acks else None
 
-    message = await ctx.hub.wait_for(first, ACK_TIMEOUT_S, f"ack for {what}")
+    try:
+        message = await ctx.hub.wait_for(first, ACK_TIMEOUT_S, f"ack for {what}")
+    except HubTimeout as exc:
+        refused = [m for m in ctx.hub.refused(since_s=sent_s) if m.kind == "ack"]
+        if not refused:
+            raise
+        raise HubTimeout(
+            f"verified ack for {what} ({len(refused)} ack(s) refused meanwhile, the first: "
+            f"{refused[0].refusal})",
+            exc.timeout_s,
+        ) from exc
     return message.doc, message.received_s - sent_s
 
 
@@ -389,13 +429,7 @@ async def _dim(
     """Dim one lamp, check its ack; returns the level read back (None when unknown)."""
     command_id = ctx.command_id(label)
     sent_s = await ctx.hub.send_command(
-        {
-            "id": command_id,
-            "action": "dim",
-            "target": {"device": device.id},
-            "level": level,
-            "expires": _expires(),
-        }
+        {"id": command_id, "action": "dim", "target": {"device": device.id}, "level": level}
     )
     ack, latency_s = await _ack_for(ctx, command_id, sent_s, f"dim {device.id} to {level:g} %")
     latencies.append(latency_s)
@@ -465,31 +499,57 @@ async def dim_round_trip(ctx: ScenarioContext) -> None:
 @dataclass(frozen=True)
 class _BadCommand:
     label: str
-    payload: bytes
-    command_id: str | None
     code: str
+    command_id: str | None
+    """The id the ack must carry (None: the command's id cannot be read)."""
+    body: dict[str, Any] | None = None
+    """Sent as every command is (signed, or plain JSON with its ``expires``)."""
+    raw: bytes | None = None
+    """Sent exactly as it is."""
+    expired: bool = False
+    """Issued so long ago that its validity ended :data:`EXPIRED_BY_S` before it is sent."""
+
+    async def payload(self, hub: ControlPost) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        assert self.body is not None
+        issued_at_s = int(time.time()) - COMMAND_TTL_S - EXPIRED_BY_S if self.expired else None
+        return await hub.command_payload(self.body, issued_at_s=issued_at_s)
 
 
-def _bad_commands(ctx: ScenarioContext) -> list[_BadCommand]:
+def _bad_commands(ctx: ScenarioContext) -> tuple[list[_BadCommand], dict[str, str]]:
+    """The cases, and those left out with the reason."""
     lamps = _lamps(ctx.config)
     fixed = [d for d in ctx.config.devices.values() if d not in lamps]
     some_lamp: dict[str, Any] = {"device": lamps[0].id} if lamps else {"all": True}
+    signed = ctx.hub.signs_commands
     cases: list[_BadCommand] = []
+    skipped: dict[str, str] = {}
 
-    def add(label: str, code: str, expires_ms: int | None = None, **fields: Any) -> None:
+    def add(label: str, code: str, *, expired: bool = False, **fields: Any) -> None:
         command_id = ctx.command_id(label)
-        expires = _expires() if expires_ms is None else expires_ms
-        document = {"id": command_id, "expires": expires, **fields}
-        cases.append(_BadCommand(label, json.dumps(document).encode(), command_id, code))
+        body = {"id": command_id, **fields}
+        cases.append(_BadCommand(label, code, command_id, body=body, expired=expired))
 
-    cases.append(_BadCommand("not JSON", b"{this is not json", None, "malformed"))
+    if signed:
+        skipped["not JSON"] = (
+            "the body of a signed command is always JSON (rejects_bad_tokens sends a payload "
+            "that is no token)"
+        )
+    else:
+        cases.append(_BadCommand("not JSON", "malformed", None, raw=b"{this is not json"))
     add("unknown action", "unknown_action", action="explode", target={"all": True})
     add("unknown device", "unknown_target", action="dim", target={"device": "hil-nx"}, level=10)
     add("unknown group", "unknown_target", action="dim", target={"group": "hil-nx"}, level=10)
     add("two targets", "invalid_target", action="dim", target={**some_lamp, "all": True}, level=10)
     add("extra field", "malformed", action="dim", target=some_lamp, level=10, hil=True)
-    past_ms = now_ms() - 60_000
-    add("expired", "expired", past_ms, action="dim", target=some_lamp, level=10)
+    if signed and ctx.clock_synchronized is not True:
+        skipped["expired"] = (
+            "the gateway clock is not synchronised: the gateway accepts signed commands on the "
+            "order of their iat and cannot tell an expired one"
+        )
+    else:
+        add("expired", "expired", expired=True, action="dim", target=some_lamp, level=10)
     if lamps:
         add("level above 100", "invalid_level", action="dim", target=some_lamp, level=140)
         add("negative level", "invalid_level", action="dim", target=some_lamp, level=-5)
@@ -497,22 +557,53 @@ def _bad_commands(ctx: ScenarioContext) -> list[_BadCommand]:
         add("bad switch state", "invalid_state", action="switch", target=some_lamp, state="dim")
     if fixed:
         add("not dimmable", "unsupported", action="dim", target={"device": fixed[0].id}, level=10)
-    return cases
+    return cases, skipped
+
+
+async def _lamps_before(
+    ctx: ScenarioContext, lamps: Sequence[DeviceSpec]
+) -> tuple[dict[str, float | None], dict[str, int | None]]:
+    """Each lamp's level from a poll taken from now on (an earlier poll may predate a command),
+    and its write count where the target can tell."""
+    start_ms = now_ms()
+    levels = {lamp.id: await _current_level(ctx, lamp, start_ms) for lamp in lamps}
+    writes = {lamp.id: ctx.target.write_count(lamp.id) for lamp in lamps}
+    return levels, writes
+
+
+async def _check_unmoved(
+    ctx: ScenarioContext,
+    lamps: Sequence[DeviceSpec],
+    before: tuple[dict[str, float | None], dict[str, int | None]],
+    after_ms: int,
+) -> None:
+    """Nothing moved: a poll taken after ``after_ms`` shows the level from before, and where
+    the target can tell, no write reached the equipment."""
+    levels_before, writes_before = before
+    for lamp in lamps:
+        level_before = levels_before[lamp.id]
+        after = await _current_level(ctx, lamp, since_ms=after_ms)
+        if level_before is None or after is None:
+            ctx.fail(
+                f"{lamp.id}: level not observed before and after ({level_before!r}, {after!r})"
+            )
+        elif abs(after - level_before) > LEVEL_TOLERANCE_PERCENT:
+            ctx.fail(f"{lamp.id}: level moved from {level_before:g} % to {after:g} %")
+        writes = ctx.target.write_count(lamp.id)
+        if writes is not None and writes != writes_before[lamp.id]:
+            ctx.fail(f"{lamp.id}: {writes - (writes_before[lamp.id] or 0)} write(s) applied")
 
 
 async def rejects_bad_commands(ctx: ScenarioContext) -> None:
     lamps = _lamps(ctx.config)
     start_s = time.monotonic()
-    # Levels from polls taken after this point: an earlier poll may predate a command.
-    start_ms = now_ms()
-    levels_before = {lamp.id: await _current_level(ctx, lamp, start_ms) for lamp in lamps}
-    writes_before = {lamp.id: ctx.target.write_count(lamp.id) for lamp in lamps}
+    before = await _lamps_before(ctx, lamps)
 
-    cases = _bad_commands(ctx)
+    cases, skipped = _bad_commands(ctx)
     latencies: list[float] = []
     codes: dict[str, str | None] = {}
     for case in cases:
-        sent_s = await ctx.hub.send(case.payload)
+        sent_s = await ctx.hub.send(await case.payload(ctx.hub))
         ack, latency_s = await _ack_for(ctx, case.command_id, sent_s, case.label)
         latencies.append(latency_s)
         codes[case.label] = ack.get("code")
@@ -541,26 +632,175 @@ async def rejects_bad_commands(ctx: ScenarioContext) -> None:
     except HubTimeout as exc:
         ctx.fail(str(exc))
 
-    # Nothing moved: a poll taken after the last rejection shows the level from before, and
-    # where the target can tell, no write reached the equipment.
-    for lamp in lamps:
-        before = levels_before[lamp.id]
-        after = await _current_level(ctx, lamp, since_ms=after_ms)
-        if before is None or after is None:
-            ctx.fail(f"{lamp.id}: level not observed before and after ({before!r}, {after!r})")
-        elif abs(after - before) > LEVEL_TOLERANCE_PERCENT:
-            ctx.fail(f"{lamp.id}: level moved from {before:g} % to {after:g} %")
-        writes = ctx.target.write_count(lamp.id)
-        if writes is not None and writes != writes_before[lamp.id]:
-            ctx.fail(f"{lamp.id}: {writes - (writes_before[lamp.id] or 0)} write(s) applied")
+    await _check_unmoved(ctx, lamps, before, after_ms)
 
+    for label, reason in skipped.items():
+        ctx.note(f"{label}: not sent: {reason}")
     ctx.figures["cases"] = len(cases)
     ctx.figures["codes"] = codes
+    ctx.figures["skipped"] = skipped
     ctx.figures["ack_latency_ms"] = stats = _latency_figures(latencies)
     right = sum(1 for c in cases if codes.get(c.label) == c.code)
     ctx.summary = (
         f"{right}/{len(cases)} rejected with the expected code, {len(lamps)} lamps unmoved "
         f"checked, ack latency median {stats['median'] or 0:.0f} ms"
+        + (f", {len(skipped)} case(s) not sent" if skipped else "")
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# rejects_bad_tokens
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BadToken:
+    label: str
+    code: str
+    payload: bytes
+    command_id: str | None
+    """The ack's id: the token's ``jti`` once its signature verified and its claims were read,
+    else None."""
+    authenticated: bool
+    """Whether the gateway must report it as authentic (signed by an enrolled key, refused on
+    its claims) or as a forgery."""
+    security: bool = True
+    """Refused by the token checks (a ``security`` event); False: by the spine's checks."""
+
+
+async def _bad_tokens(ctx: ScenarioContext) -> tuple[list[_BadToken], dict[str, str]]:
+    """The cases, and those left out with the reason. Every body is one the spine refuses
+    (level 140): were a token wrongly let through, nothing would move."""
+    hub = ctx.hub
+    lamps = _lamps(ctx.config)
+    target: dict[str, Any] = {"device": lamps[0].id} if lamps else {"all": True}
+    cases: list[_BadToken] = []
+    skipped: dict[str, str] = {}
+
+    def body(label: str) -> dict[str, Any]:
+        return {"id": ctx.command_id(label), "action": "dim", "target": target, "level": 140}
+
+    if ctx.config.allow_unsigned_commands:
+        skipped["unsigned"] = (
+            "the gateway takes plain JSON commands too ([commands] allow_unsigned = true)"
+        )
+    else:
+        plain = {**body("unsigned"), "expires": now_ms() + COMMAND_TTL_S * 1000}
+        cases.append(_BadToken("unsigned", "unsigned", json.dumps(plain).encode(), None, False))
+    cases.append(_BadToken("not a token", "malformed", b"not-a.token", None, False))
+    oversized = b"A" * (MAX_TOKEN_BYTES + 1)
+    cases.append(_BadToken("too large", "too_large", oversized, None, False))
+
+    header, claims, signature = (await hub.sign(body("altered"))).split(b".")
+    # A middle character of the claims: every bit of it counts, so the token stays canonical
+    # base64url and only the signature check can catch it.
+    middle = len(claims) // 2
+    swapped = b"B" if claims[middle : middle + 1] == b"A" else b"A"
+    altered = b".".join((header, claims[:middle] + swapped + claims[middle + 1 :], signature))
+    cases.append(_BadToken("altered", "bad_signature", altered, None, False))
+
+    stranger = PostKey.from_private_key(Ed25519PrivateKey.generate())
+    foreign = await hub.sign(body("unknown key"), key=stranger)
+    cases.append(_BadToken("unknown key", "unknown_key", foreign, None, False))
+
+    other = next(g for g in ("hil-other-gateway", "hil-other-gateway-2") if g != hub.gateway_id)
+    elsewhere = await hub.sign(body("wrong audience"), audience=other)
+    cases.append(_BadToken("wrong audience", "wrong_audience", elsewhere, None, True))
+
+    if ctx.clock_synchronized is True:
+        stale = body("expired token")
+        token = await hub.sign(stale, issued_at_s=int(time.time()) - TOKEN_EXPIRED_BY_S)
+        cases.append(_BadToken("expired token", "expired", token, stale["id"], True))
+    else:
+        skipped["expired token"] = (
+            "the gateway clock is not synchronised: the gateway accepts tokens on the order of "
+            "their iat, not on their time window"
+        )
+
+    # Authentic, refused by the spine (its jti is remembered all the same); then the very same
+    # token again is a replay.
+    first = body("replayed")
+    token = await hub.sign(first)
+    cases.append(
+        _BadToken("replayed: first", "invalid_level", token, first["id"], True, security=False)
+    )
+    cases.append(_BadToken("replayed", "replayed", token, first["id"], True))
+    return cases, skipped
+
+
+async def rejects_bad_tokens(ctx: ScenarioContext) -> None:
+    if not ctx.hub.signs_commands:
+        raise NotApplicable(
+            "commands are sent as plain JSON: checking the gateway's token checks needs the "
+            "control post's key (--post-key)"
+        )
+    lamps = _lamps(ctx.config)
+    start_s = time.monotonic()
+    before = await _lamps_before(ctx, lamps)
+
+    cases, skipped = await _bad_tokens(ctx)
+    latencies: list[float] = []
+    codes: dict[str, str | None] = {}
+    for case in cases:
+        sent_s = await ctx.hub.send(case.payload)
+        ack, latency_s = await _ack_for(ctx, case.command_id, sent_s, case.label)
+        latencies.append(latency_s)
+        codes[case.label] = ack.get("code")
+        if ack.get("status") != "rejected":
+            ctx.fail(f"{case.label}: acked {ack.get('status')!r}, expected rejected: {ack}")
+        elif ack.get("code") != case.code:
+            ctx.fail(f"{case.label}: rejected with {ack.get('code')!r}, expected {case.code!r}")
+        elif not ack.get("reason"):
+            ctx.fail(f"{case.label}: rejected without a reason")
+    after_ms = now_ms()
+
+    # Each refusal by the token checks is also a security event, which tells a forgery from an
+    # authentic token refused on its claims.
+    wanted = {c.code: c for c in cases if c.security}
+
+    def reported() -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for _m, doc in ctx.hub.events("security", since_s=start_s):
+            detail = doc.get("detail")
+            if isinstance(detail, dict) and detail.get("what") == "command_rejected":
+                found.setdefault(str(detail.get("code")), detail)
+        return found
+
+    try:
+        await ctx.hub.wait_for(
+            lambda: wanted.keys() <= reported().keys(),
+            _within_polls(ctx, lamps, 1),
+            "security events for every refused token",
+        )
+    except HubTimeout as exc:
+        missing = sorted(wanted.keys() - reported().keys())
+        ctx.fail(f"{exc} (missing: {', '.join(missing)})")
+    events = reported()
+    for code, case in wanted.items():
+        detail = events.get(code)
+        if detail is None:
+            continue
+        if detail.get("authenticated") is not case.authenticated:
+            ctx.fail(
+                f"{case.label}: security event says authenticated="
+                f"{detail.get('authenticated')!r}, expected {case.authenticated}"
+            )
+        if detail.get("id") != case.command_id:
+            ctx.fail(f"{case.label}: security event names id {detail.get('id')!r}")
+
+    await _check_unmoved(ctx, lamps, before, after_ms)
+
+    for label, reason in skipped.items():
+        ctx.note(f"{label}: not sent: {reason}")
+    ctx.figures["cases"] = len(cases)
+    ctx.figures["codes"] = codes
+    ctx.figures["skipped"] = skipped
+    ctx.figures["ack_latency_ms"] = stats = _latency_figures(latencies)
+    right = sum(1 for c in cases if codes.get(c.label) == c.code)
+    ctx.summary = (
+        f"{right}/{len(cases)} refused with the expected code, {len(lamps)} lamps unmoved "
+        f"checked, ack latency median {stats['median'] or 0:.0f} ms"
+        + (f", {len(skipped)} case(s) not sent" if skipped else "")
     )
 
 
@@ -746,6 +986,15 @@ SCENARIOS: dict[str, Scenario] = {
             "right code and a command_rejected event; no lamp moves",
             rejects_bad_commands,
             sends_commands=True,
+        ),
+        Scenario(
+            "rejects_bad_tokens",
+            "unsigned, malformed, oversized, altered, foreign-key, wrong-audience, expired and "
+            "replayed command tokens are refused with the right code and a security event; no "
+            "lamp moves (signed commands only)",
+            rejects_bad_tokens,
+            sends_commands=True,
+            needs_post_key=True,
         ),
         Scenario(
             "lamp_failure_alarm",

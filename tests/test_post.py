@@ -1009,3 +1009,16 @@ def test_the_page_documents_every_option_and_its_links_resolve() -> None:
     assert "`lampyre keys post-init --out DIR`" in page and "## Rotating the post key" in page
     for link in re.findall(r"\]\(([^)#]+)", page):
         assert (repo / "docs" / link).exists(), link
+
+
+def test_the_in_process_issued_at_clock_stays_strict_in_a_burst() -> None:
+    """A gateway with an unsynchronised clock refuses an iat that is not above the last one:
+    a burst signed within one second must keep increasing, however far it runs ahead."""
+    from agent.post import IssuedAtClock
+
+    async def body() -> None:
+        clock = IssuedAtClock()
+        issued = [await clock.next(1_800_000_000) for _ in range(50)]
+        assert issued == list(range(1_800_000_000, 1_800_000_050))
+
+    asyncio.run(body())
