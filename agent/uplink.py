@@ -508,6 +508,8 @@ class Uplink:
             logger.exception("could not delete the records of a hub receipt from the buffer")
             return
         for first, last in receipt.ranges:
+            # Walk whichever is smaller: a range may span millions of seqs (others' records
+            # in between), or the awaiting set may be large after a long outage.
             if last - first < len(self._awaiting):
                 for seq in range(first, last + 1):
                     self._awaiting.pop(seq, None)

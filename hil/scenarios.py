@@ -21,9 +21,9 @@ import logging
 import re
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -571,6 +571,40 @@ async def _lamps_before(
     return levels, writes
 
 
+class _Case(Protocol):
+    """What the rejection scenarios' reports need of a case."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def code(self) -> str: ...
+
+
+def _report_rejections(
+    ctx: ScenarioContext,
+    cases: Sequence[_Case],
+    codes: Mapping[str, str | None],
+    skipped: Mapping[str, str],
+    latencies: Sequence[float],
+    lamps: int,
+    verb: str,
+) -> None:
+    """The notes, figures and summary shared by the two rejection scenarios."""
+    for label, reason in skipped.items():
+        ctx.note(f"{label}: not sent: {reason}")
+    ctx.figures["cases"] = len(cases)
+    ctx.figures["codes"] = dict(codes)
+    ctx.figures["skipped"] = dict(skipped)
+    ctx.figures["ack_latency_ms"] = stats = _latency_figures(latencies)
+    right = sum(1 for c in cases if codes.get(c.label) == c.code)
+    ctx.summary = (
+        f"{right}/{len(cases)} {verb} with the expected code, {lamps} lamps unmoved "
+        f"checked, ack latency median {stats['median'] or 0:.0f} ms"
+        + (f", {len(skipped)} case(s) not sent" if skipped else "")
+    )
+
+
 async def _check_unmoved(
     ctx: ScenarioContext,
     lamps: Sequence[DeviceSpec],
@@ -634,18 +668,7 @@ async def rejects_bad_commands(ctx: ScenarioContext) -> None:
 
     await _check_unmoved(ctx, lamps, before, after_ms)
 
-    for label, reason in skipped.items():
-        ctx.note(f"{label}: not sent: {reason}")
-    ctx.figures["cases"] = len(cases)
-    ctx.figures["codes"] = codes
-    ctx.figures["skipped"] = skipped
-    ctx.figures["ack_latency_ms"] = stats = _latency_figures(latencies)
-    right = sum(1 for c in cases if codes.get(c.label) == c.code)
-    ctx.summary = (
-        f"{right}/{len(cases)} rejected with the expected code, {len(lamps)} lamps unmoved "
-        f"checked, ack latency median {stats['median'] or 0:.0f} ms"
-        + (f", {len(skipped)} case(s) not sent" if skipped else "")
-    )
+    _report_rejections(ctx, cases, codes, skipped, latencies, len(lamps), "rejected")
 
 
 # --------------------------------------------------------------------------------------------
@@ -790,18 +813,7 @@ async def rejects_bad_tokens(ctx: ScenarioContext) -> None:
 
     await _check_unmoved(ctx, lamps, before, after_ms)
 
-    for label, reason in skipped.items():
-        ctx.note(f"{label}: not sent: {reason}")
-    ctx.figures["cases"] = len(cases)
-    ctx.figures["codes"] = codes
-    ctx.figures["skipped"] = skipped
-    ctx.figures["ack_latency_ms"] = stats = _latency_figures(latencies)
-    right = sum(1 for c in cases if codes.get(c.label) == c.code)
-    ctx.summary = (
-        f"{right}/{len(cases)} refused with the expected code, {len(lamps)} lamps unmoved "
-        f"checked, ack latency median {stats['median'] or 0:.0f} ms"
-        + (f", {len(skipped)} case(s) not sent" if skipped else "")
-    )
+    _report_rejections(ctx, cases, codes, skipped, latencies, len(lamps), "refused")
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from asyncio import Task
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import paho.mqtt.client as paho
 from jsonschema import Draft202012Validator
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import load_config
+from agent.runtime import Agent
 from tests.support.mosquitto import Received
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,6 +105,24 @@ def write_config(
     path = directory / "gateway.toml"
     path.write_text("\n".join(lines))
     return path
+
+
+async def start_agent_online(config_path: Path, wait_s: float = 15.0) -> tuple[Agent, Task[None]]:
+    """The real agent on ``config_path``, running, once its uplink is online: commands
+    published before it subscribed would go to nobody."""
+    agent = Agent(load_config(config_path))
+    task = asyncio.create_task(agent.run())
+    await agent.started.wait()
+    async with asyncio.timeout(wait_s):
+        while agent.uplink is None or agent.uplink.stats.state != "online":
+            await asyncio.sleep(0.02)
+    return agent, task
+
+
+async def stop_agent(task: Task[None]) -> None:
+    """Cancel the agent (its clean shutdown) and wait for it."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def validator(kind: str) -> Draft202012Validator:

@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 
 from agent.cli import main
 from agent.commands import parse_command
-from agent.config import load_config
 from agent.jws import (
     ClockState,
     CommandRejected,
@@ -59,7 +58,7 @@ from agent.post import (
 )
 from agent.runtime import Agent
 from firmware_sim.modbus import EnergyMeter, LampController, ModbusSimulator
-from tests.e2e import PREFIX, validator, write_config
+from tests.e2e import PREFIX, start_agent_online, stop_agent, validator, write_config
 from tests.support.mosquitto import MosquittoBroker, Subscriber
 
 GATEWAY = "post-gw"
@@ -718,17 +717,11 @@ class Site:
         return post_args(post or self.post, self.enrolled, self.broker, *extra)
 
     async def start_agent(self) -> None:
-        self.agent = Agent(load_config(self.config_path))
-        self.task = asyncio.create_task(self.agent.run())
-        await self.agent.started.wait()
-        async with asyncio.timeout(WAIT_S):
-            while self.agent.uplink is None or self.agent.uplink.stats.state != "online":
-                await asyncio.sleep(0.02)
+        self.agent, self.task = await start_agent_online(self.config_path, WAIT_S)
 
     async def stop_agent(self) -> None:
         assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        await stop_agent(self.task)
 
 
 @asynccontextmanager

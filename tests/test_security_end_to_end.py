@@ -20,7 +20,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.buffer import Lane
-from agent.config import load_config
 from agent.envelope import MAGIC, HubPrivateKey, open_envelope
 from agent.hub import HubConsumer, HubSettings
 from agent.jws import command_claims, sign_command, verify_ack
@@ -34,7 +33,7 @@ from agent.keys import (
 from agent.mqtt import MqttSettings
 from agent.runtime import Agent
 from firmware_sim.modbus import EnergyMeter, LampController, ModbusSimulator
-from tests.e2e import PREFIX, Publisher, validator, write_config
+from tests.e2e import PREFIX, Publisher, start_agent_online, stop_agent, validator, write_config
 from tests.support.mosquitto import MosquittoBroker, Received, Subscriber
 
 GATEWAY = "sec-gw"
@@ -107,18 +106,11 @@ class Site:
         return sum(self.lamp(u).writes.get(SETPOINT_REGISTER, 0) for u in (1, 2, 3))
 
     async def start_agent(self) -> None:
-        self.agent = Agent(load_config(self.config_path))
-        self.task = asyncio.create_task(self.agent.run())
-        await self.agent.started.wait()
-        # Commands published before the agent subscribed would go to nobody.
-        async with asyncio.timeout(WAIT_S):
-            while self.agent.uplink is None or self.agent.uplink.stats.state != "online":
-                await asyncio.sleep(0.02)
+        self.agent, self.task = await start_agent_online(self.config_path, WAIT_S)
 
     async def stop_agent(self) -> None:
         assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        await stop_agent(self.task)
 
     def token(
         self,
